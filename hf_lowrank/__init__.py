@@ -1,0 +1,31 @@
+"""hf_lowrank: low-rank training of transformers models with ranks chosen during training."""
+
+__version__ = "0.1.0"
+
+from .config import LowRankConfig  # noqa: E402
+from .layer import LayerSpec, LowRankLinear  # noqa: E402
+from .model import LowRankModel, get_lowrank_model  # noqa: E402
+from .strategies import LayerChange, Plan, RankStrategy, TrainContext  # noqa: E402
+
+
+def __getattr__(name):
+    # The Trainer glue imports transformers.Trainer and accelerate: load it only when asked for.
+    if name == "LowRankTrainer":
+        from .trainer import LowRankTrainer
+
+        return LowRankTrainer
+    raise AttributeError(f"module 'hf_lowrank' has no attribute {name!r}")
+
+
+__all__ = [
+    "LayerChange",
+    "LayerSpec",
+    "LowRankConfig",
+    "LowRankLinear",
+    "LowRankModel",
+    "LowRankTrainer",
+    "Plan",
+    "RankStrategy",
+    "TrainContext",
+    "get_lowrank_model",
+]

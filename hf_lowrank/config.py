@@ -1,0 +1,232 @@
+"""LowRankConfig: the one place the options of a low-rank model live."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from . import __version__
+from .files import read_json, write_json
+
+CONFIG_NAME = "lowrank_config.json"
+
+MODES = ("dense", "factorized", "residual")
+RESIDUAL_BASES = ("model", "orthogonal")
+INITS = ("kaiming", "spectral", "spectral-ones", "zero_b")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"LowRankConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _check_size(name: str, value: Any, allow_none: bool = False) -> None:
+    """A rank-like value: a positive int (absolute) or a float in (0, 1] (fraction of min(in, out))."""
+    if value is None and allow_none:
+        return
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
+        isinstance(value, float) and 0.0 < value <= 1.0
+    )
+    if not ok:
+        extra = " or None" if allow_none else ""
+        raise ValueError(
+            f"LowRankConfig.{name}={value!r} is not allowed; give a positive int (absolute rank) or a float "
+            f"in (0, 1] (fraction of min(in_features, out_features)){extra}."
+        )
+
+
+def resolve_size(value: int | float, in_features: int, out_features: int, name: str = "rank", layer: str = "") -> int:
+    """Turn a rank-like config value into an absolute rank for a layer of the given shape."""
+    full = min(in_features, out_features)
+    if isinstance(value, float):
+        return max(1, min(full, round(value * full)))
+    if value > full:
+        where = f" for layer {layer!r}" if layer else ""
+        raise ValueError(
+            f"LowRankConfig.{name}={value} is larger than min(in_features, out_features)={full}{where}; "
+            f"use a rank <= {full}, a fraction such as 0.25, or exclude the layer with exclude_modules."
+        )
+    return value
+
+
+@dataclass
+class LowRankConfig:
+    """Which layers become low-rank, how they start, and which strategy changes their ranks.
+
+    Every field has a default; ``help`` in each field's metadata is the option's documentation
+    (the CLI builds ``--help`` from it). Validation happens on construction.
+    """
+
+    target_modules: Union[list[str], str, None] = field(
+        default="all-linear",
+        metadata={
+            "help": "Layers to replace: a list of module names or name suffixes (e.g. ['c_fc', 'c_proj']), a regex "
+            "matched against the full module name, or 'all-linear' (every nn.Linear / Conv1D but the output "
+            "embedding and classification head)."
+        },
+    )
+    exclude_modules: Union[list[str], str, None] = field(
+        default=None, metadata={"help": "Layers to leave untouched: names, suffixes or a regex, as target_modules."}
+    )
+    mode: str = field(
+        default="factorized",
+        metadata={
+            "help": "Starting mode of each layer: 'dense' (W trainable), 'factorized' (W = B A) or 'residual' "
+            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) override it."
+        },
+    )
+    residual_base: str = field(
+        default="model",
+        metadata={
+            "help": "W0 of residual mode: 'model' keeps the wrapped weight (pretrained or the model's own init); "
+            "'orthogonal' replaces it by a fixed orthogonal matrix (original InRank, training from scratch)."
+        },
+    )
+    init: str = field(
+        default="kaiming",
+        metadata={
+            "help": "Factor init in factorized mode: 'kaiming' (both factors Kaiming-uniform, like nn.Linear), "
+            "'spectral' (balanced SVD split of the layer's dense init), 'spectral-ones' (same, singular values "
+            "set to 1) or 'zero_b' (B = 0). Residual adapters always start with B = 0."
+        },
+    )
+    init_scale: float = field(default=1.0, metadata={"help": "Multiplier applied to both freshly initialised factors."})
+    rank: Union[int, float] = field(
+        default=0.25,
+        metadata={"help": "Active rank: an int, or a float in (0, 1] meaning a fraction of min(in, out)."},
+    )
+    capacity: Union[int, float, None] = field(
+        default=None,
+        metadata={
+            "help": "Allocated rank of the factors (>= rank), so rank can grow without reallocation; int, fraction "
+            "or None (= rank, or the strategy's default)."
+        },
+    )
+    alpha: Union[float, None] = field(
+        default=None,
+        metadata={"help": "Residual adapter scale s = alpha / rank; None means s = 1."},
+    )
+    strategy: str = field(
+        default="fixed",
+        metadata={"help": "Rank strategy: 'fixed', 'inrank', 'cuttlefish', 'warm_start' or 'dynamic'."},
+    )
+    strategy_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Settings of the strategy (see docs/strategies.md); unknown keys are rejected."},
+    )
+    frobenius_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Frobenius decay lambda on factor pairs, penalty (lambda/2)||B A||_F^2; when > 0 the factors "
+            "are removed from plain weight decay."
+        },
+    )
+    rank_pattern: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-layer {mode, rank, capacity, scaling}; filled in when saving, used to rebuild shapes "
+            "on loading. Leave empty when configuring a new model."
+        },
+    )
+    base_model_name_or_path: Union[str, None] = field(
+        default=None, metadata={"help": "Where the wrapped model came from, for the model card and reloading."}
+    )
+    hf_lowrank_version: str = field(default=__version__, metadata={"help": "Library version that wrote the config."})
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+            ):
+                raise ValueError(
+                    f"LowRankConfig.{name}={value!r} is not allowed; give a list of module names, a regex string, "
+                    f"{'or all-linear' if name == 'target_modules' else 'or None'}."
+                )
+        if self.target_modules in (None, [], ""):
+            raise ValueError("LowRankConfig.target_modules is empty; name the layers to replace or use 'all-linear'.")
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("residual_base", self.residual_base, RESIDUAL_BASES)
+        _check_choice("init", self.init, INITS)
+        if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
+            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a positive number.")
+        _check_size("rank", self.rank)
+        _check_size("capacity", self.capacity, allow_none=True)
+        if (
+            self.capacity is not None
+            and type(self.capacity) is type(self.rank)
+            and self.capacity < self.rank
+        ):
+            raise ValueError(
+                f"LowRankConfig.capacity={self.capacity!r} is smaller than rank={self.rank!r}; capacity must be >= rank."
+            )
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"LowRankConfig.alpha={self.alpha!r} is not allowed; give a positive number or None.")
+        if not (isinstance(self.frobenius_decay, (int, float)) and self.frobenius_decay >= 0):
+            raise ValueError(
+                f"LowRankConfig.frobenius_decay={self.frobenius_decay!r} is not allowed; give a number >= 0."
+            )
+        if not isinstance(self.strategy_args, dict):
+            raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict.")
+        from .strategies import strategy_class
+
+        strategy_class(self.strategy).Args.from_dict(self.strategy_args)  # validates names and values
+        _check_version(self.hf_lowrank_version, "LowRankConfig.hf_lowrank_version")
+
+    @property
+    def strategy_settings(self):
+        """The strategy's typed settings (``strategy_args`` validated, defaults filled in)."""
+        from .strategies import strategy_class
+
+        return strategy_class(self.strategy).Args.from_dict(self.strategy_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "dict") -> "LowRankConfig":
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown LowRankConfig field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``lowrank_config.json`` into ``save_directory`` (atomically)."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        write_json(Path(save_directory) / CONFIG_NAME, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> "LowRankConfig":
+        """Read ``lowrank_config.json`` from a folder, or from a Hub repo (downloaded on demand)."""
+        from .hub import resolve_file
+
+        path = resolve_file(path_or_repo_id, CONFIG_NAME, **hub_kwargs)
+        return cls.from_dict(read_json(path), source=str(path))
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload ``lowrank_config.json`` to a Hub repo through huggingface_hub's standard upload path."""
+        from .hub import push_folder
+
+        return push_folder(repo_id, self.save_pretrained, **kwargs)
+
+
+def _check_version(version: str, where: str) -> None:
+    """Configs are readable across minor versions; another major version is refused."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise ValueError(f"{where}={version!r} is not a version string like '0.1.0'.") from None
+    if major != int(__version__.split(".")[0]):
+        raise ValueError(
+            f"{where}={version!r} was written by an incompatible hf_lowrank (this is {__version__}); "
+            f"install hf-lowrank=={major}.* to read it."
+        )

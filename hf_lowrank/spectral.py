@@ -1,0 +1,123 @@
+"""Singular values and the rank metrics of ALGORITHMS.md.
+
+Everything here is computed in float32 whatever the training dtype, returns plain Python
+numbers or float32 tensors, and never raises on a degenerate spectrum: a zero or NaN spectrum
+gives the metric's neutral value (documented per function) instead of NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def svdvals(weight: torch.Tensor) -> torch.Tensor:
+    """Singular values of a dense matrix, descending, float32, on the matrix's device."""
+    return torch.linalg.svdvals(weight.detach().float())
+
+
+def _thin_qr(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q, r = torch.linalg.qr(x.detach().float(), mode="reduced")
+    return q, r
+
+
+def factor_svdvals(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``B @ A`` without forming it.
+
+    ``B`` is (out, k) and ``A`` is (k, in). With ``B = Q_B R_B`` and ``A^T = Q_A R_A`` the
+    product is ``Q_B (R_B R_A^T) Q_A^T``, so its spectrum is that of the (k, k) core: the cost
+    is O((out + in) k^2) instead of O(out * in * min(out, in)).
+    """
+    _, r_b = _thin_qr(B)  # (k, k)
+    _, r_a = _thin_qr(A.T)  # (k, k)
+    return torch.linalg.svdvals(r_b @ r_a.T)
+
+
+def factor_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U, S, Vh`` of ``B @ A`` computed through the (k, k) core, float32."""
+    q_b, r_b = _thin_qr(B)  # (out, k), (k, k)
+    q_a, r_a = _thin_qr(A.T)  # (in, k), (k, k)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ u_c, s, vh_c @ q_a.T  # (out, k), (k,), (k, in)
+
+
+def _clean(s: torch.Tensor) -> torch.Tensor | None:
+    """Float32 spectrum, or None when it is empty, all zero or not finite."""
+    s = s.detach().float()
+    if s.numel() == 0 or not bool(torch.isfinite(s).all()) or float(s.max()) <= 0.0:
+        return None
+    return s
+
+
+def stable_rank(s: torch.Tensor) -> int:
+    """``floor(sum s_i^2 / s_1^2)``; 0 for a zero or non-finite spectrum."""
+    s = _clean(s)
+    if s is None:
+        return 0
+    return int(math.floor(float((s**2).sum() / s.max() ** 2) + 1e-6))
+
+
+def energy_fraction(s: torch.Tensor, k: int) -> float:
+    """``sum_{i<=k} s_i^2 / sum s_i^2``; 1.0 for a zero spectrum (nothing left to explain)."""
+    s = _clean(s)
+    if s is None:
+        return 1.0
+    e = s**2
+    return float(e[:k].sum() / e.sum())
+
+
+def explained_ratio(s: torch.Tensor, k: int) -> float:
+    """InRank's ``rho(k) = 1 - Var(s with the top k set to 0) / Var(s)`` (unbiased variance).
+
+    A flat spectrum (``Var(s) = 0``) explains nothing with fewer than all its entries, so the
+    ratio is 0.0 for ``k < len(s)`` and 1.0 at ``k = len(s)``, never NaN.
+    """
+    s = _clean(s)
+    if s is None:
+        return 1.0
+    s = s.sort(descending=True).values
+    if s.numel() < 2:
+        return 1.0
+    total = float(s.var(unbiased=True))
+    if total <= 1e-12 * float(s.max()) ** 2:
+        return 1.0 if k >= s.numel() else 0.0
+    rest = s.clone()
+    rest[:k] = 0
+    return 1.0 - float(rest.var(unbiased=True)) / total
+
+
+def effective_rank(s: torch.Tensor) -> float:
+    """Roy and Vetterli's ``exp(H(p))`` with ``p_i = s_i / sum s``; 0.0 for a zero spectrum."""
+    s = _clean(s)
+    if s is None:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def condition_ratio(s: torch.Tensor, k: int) -> float:
+    """``s_1 / s_k`` (k counted from 1); inf when ``s_k`` is zero, 1.0 for a zero spectrum."""
+    s = _clean(s)
+    if s is None:
+        return 1.0
+    k = max(1, min(k, s.numel()))
+    return float(s[0] / s[k - 1]) if float(s[k - 1]) > 0 else math.inf
+
+
+def scaled_stable_rank(s: torch.Tensor, xi: float, full_rank: int, floor_fraction: float = 0.0) -> int:
+    """Cuttlefish's ``min(full, ceil(xi * srank(W)))``, at least ``floor_fraction * full`` and 1."""
+    r = min(full_rank, math.ceil(xi * stable_rank(s)))
+    return max(1, r, math.floor(floor_fraction * full_rank))
+
+
+def first_rank_above(s: torch.Tensor, threshold: float, start: int, stop: int) -> int:
+    """InRank's scan: the first ``k`` in ``[start, stop)`` with ``rho(k) > threshold``, else ``stop - 1``.
+
+    Returns ``start`` when the range is empty.
+    """
+    for k in range(start, stop):
+        if explained_ratio(s, k) > threshold:
+            return k
+    return max(start, stop - 1)

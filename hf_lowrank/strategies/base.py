@@ -1,0 +1,176 @@
+"""The interface every rank strategy implements, and the plan it returns.
+
+A strategy observes the layers and returns a :class:`Plan` (which layer goes to which mode
+and rank, and whether the learning rate changes). It never touches the optimizer, the
+scheduler or the model's wrappers: the trainer applies plans and keeps those in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from ..config import resolve_size
+from ..layer import LayerSpec, LowRankLinear
+
+if TYPE_CHECKING:
+    from ..config import LowRankConfig
+
+OPS = ("grow", "truncate", "to_factorized", "to_dense", "to_residual")
+
+
+@dataclass
+class StrategyArgs:
+    """Base of each strategy's typed settings; subclasses validate in ``check``."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StrategyArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"LowRankConfig.strategy_args has unknown key(s) {unknown} for this strategy; "
+                f"known keys are {sorted(known)}."
+            )
+        args = cls(**data)
+        args.check()
+        return args
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming ``strategy_args.<field>`` for a bad value."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def fail(name: str, value: Any, allowed: str) -> None:
+        raise ValueError(f"LowRankConfig.strategy_args.{name}={value!r} is not allowed; {allowed}.")
+
+    def require(self, name: str, ok: bool, allowed: str) -> None:
+        if not ok:
+            self.fail(name, getattr(self, name), allowed)
+
+    def require_fraction(self, name: str, low_open: bool = True, allow_none: bool = False) -> None:
+        v = getattr(self, name)
+        if v is None and allow_none:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v if low_open else 0 <= v) and v <= 1
+        self.require(name, ok, f"give a number in {'(' if low_open else '['}0, 1]")
+
+    def require_positive_int(self, name: str, zero_ok: bool = False) -> None:
+        v = getattr(self, name)
+        ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if zero_ok else v >= 1)
+        self.require(name, ok, f"give an int >= {0 if zero_ok else 1}")
+
+    def require_positive(self, name: str, zero_ok: bool = False) -> None:
+        v = getattr(self, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if zero_ok else v > 0)
+        self.require(name, ok, f"give a number {'>= 0' if zero_ok else '> 0'}")
+
+
+@dataclass
+class LayerChange:
+    """One transition of one layer (see ``LowRankLinear`` for what each op does)."""
+
+    layer: str
+    op: str
+    rank: int | None = None
+    capacity: int | None = None
+    alpha: float | None = None
+    ones: bool = False
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"LayerChange.op={self.op!r}; expected one of {OPS}.")
+
+
+@dataclass
+class Plan:
+    """What a strategy wants done after an optimizer step."""
+
+    changes: list[LayerChange] = field(default_factory=list)
+    lr_factor: float = 1.0
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.changes) or self.lr_factor != 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changes": [dataclasses.asdict(c) for c in self.changes], "lr_factor": self.lr_factor, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        return cls([LayerChange(**c) for c in data["changes"]], data["lr_factor"], data["reason"])
+
+
+@dataclass
+class TrainContext:
+    """What a strategy may know about the run: its length and learning-rate schedule."""
+
+    max_steps: int
+    lr_at: Callable[[int], float] = lambda step: 1.0
+    warn: Callable[[str], None] = print
+
+
+class RankStrategy:
+    """Base class: a fixed layout, no changes. Subclasses override what they need."""
+
+    name: ClassVar[str] = "base"
+    Args: ClassVar[type[StrategyArgs]] = StrategyArgs
+
+    def __init__(self, config: "LowRankConfig"):
+        self.config = config
+        self.args = config.strategy_settings
+        self.context: TrainContext | None = None
+
+    # layout
+
+    def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        """The layout a layer starts in, before training."""
+        c = self.config
+        if c.mode == "dense":
+            return LayerSpec("dense")
+        rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
+        capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
+        if capacity < rank:
+            raise ValueError(
+                f"LowRankConfig.capacity resolves to {capacity} < rank {rank} for layer {name!r}; raise capacity."
+            )
+        scaling = 1.0 if (c.mode == "factorized" or c.alpha is None) else c.alpha / rank
+        return LayerSpec(c.mode, rank, capacity, scaling)
+
+    # training
+
+    def bind(self, context: TrainContext) -> None:
+        """Called once when training starts (or resumes), with the run's length and schedule."""
+        self.context = context
+
+    def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
+        """Called after optimizer step ``step`` (1-based); returns a plan or None."""
+        return None
+
+    def is_final(self) -> bool:
+        """True once the strategy will make no more changes (checks can stop)."""
+        return True
+
+    # state
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state, saved with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def fraction_to_step(self, value: float | int, name: str) -> int:
+        """A schedule point given as a fraction of training (float <= 1) or an absolute step (int)."""
+        max_steps = self.context.max_steps
+        step = round(value * max_steps) if isinstance(value, float) else int(value)
+        if step > max_steps:
+            raise ValueError(
+                f"LowRankConfig.strategy_args.{name}={value!r} is step {step}, after the end of training "
+                f"(max_steps={max_steps}); give a fraction in [0, 1] or a step <= {max_steps}."
+            )
+        return step
