@@ -91,18 +91,24 @@ class Plan:
     """What a strategy wants done after an optimizer step."""
 
     changes: list[LayerChange] = field(default_factory=list)
-    lr_factor: float = 1.0
+    lr_factor: float = 1.0  # multiplies the whole learning-rate schedule from now on
+    rewarm_steps: int = 0  # ramp the learning rate linearly from 0 back to the schedule over this many steps
     reason: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.changes) or self.lr_factor != 1.0
+        return bool(self.changes) or self.lr_factor != 1.0 or self.rewarm_steps > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"changes": [dataclasses.asdict(c) for c in self.changes], "lr_factor": self.lr_factor, "reason": self.reason}
+        return {
+            "changes": [dataclasses.asdict(c) for c in self.changes],
+            "lr_factor": self.lr_factor,
+            "rewarm_steps": self.rewarm_steps,
+            "reason": self.reason,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        return cls([LayerChange(**c) for c in data["changes"]], data["lr_factor"], data["reason"])
+        return cls([LayerChange(**c) for c in data["changes"]], data["lr_factor"], data["rewarm_steps"], data["reason"])
 
 
 @dataclass
@@ -110,8 +116,11 @@ class TrainContext:
     """What a strategy may know about the run: its length and learning-rate schedule."""
 
     max_steps: int
-    lr_at: Callable[[int], float] = lambda step: 1.0
+    lr_at: Callable[[int], float] = lambda step: 1.0  # the schedule's learning rate at an optimizer step
     warn: Callable[[str], None] = print
+    device: str = "cpu"
+    dtype: Any = None  # training compute dtype (bf16 under autocast), for profiling
+    tokens_per_batch: int = 2048  # tokens in one micro-batch on one process, for profiling
 
 
 class RankStrategy:
@@ -147,8 +156,16 @@ class RankStrategy:
         """Called once when training starts (or resumes), with the run's length and schedule."""
         self.context = context
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` must be called after optimizer step ``step``.
+
+        Depends only on the step, the settings and the strategy state (which the trainer keeps
+        identical on every process), so all processes agree without communicating.
+        """
+        return not self.is_final()
+
     def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
-        """Called after optimizer step ``step`` (1-based); returns a plan or None."""
+        """Called after optimizer step ``step`` (1-based) when ``due(step)``; returns a plan or None."""
         return None
 
     def is_final(self) -> bool:
