@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
 
 from ..config import resolve_size
 from ..layer import LayerSpec, LowRankLinear
@@ -171,6 +174,28 @@ class RankStrategy:
     def is_final(self) -> bool:
         """True once the strategy will make no more changes (checks can stop)."""
         return True
+
+    def warn(self, message: str) -> None:
+        """Warn through the training context (process 0 only) or, outside training, ``warnings``."""
+        if self.context is not None:
+            self.context.warn(message)
+        else:
+            warnings.warn(message, stacklevel=2)
+
+    def singular_values(self, name: str, layer: LowRankLinear) -> torch.Tensor | None:
+        """The layer's spectrum, or None with a warning when the SVD fails or is not finite.
+
+        A layer whose spectrum cannot be trusted is left out of this decision; training goes on.
+        """
+        try:
+            s = layer.singular_values()
+        except (torch.linalg.LinAlgError, RuntimeError) as e:
+            self.warn(f"{self.name}: SVD of {name} failed ({e}); its rank decision is skipped this time.")
+            return None
+        if not bool(torch.isfinite(s).all()):
+            self.warn(f"{self.name}: non-finite singular values in {name}; its rank decision is skipped this time.")
+            return None
+        return s
 
     # state
 

@@ -108,21 +108,21 @@ class InRank(RankStrategy):
         scaling = 1.0 if self.config.alpha is None else self.config.alpha / (r + buffer)
         return LayerSpec(self.config.mode, r + buffer, capacity, scaling)
 
-    def _stage2_step(self) -> int | None:
-        if self.args.stage2_at is None:
-            return None
-        return self.fraction_to_step(self.args.stage2_at, "stage2_at")
+    def bind(self, context) -> None:
+        super().bind(context)
+        a = self.args
+        self.stage2_step = None if a.stage2_at is None else self.fraction_to_step(a.stage2_at, "stage2_at")
 
     def due(self, step: int) -> bool:
         if self.frozen:
             return False
         a = self.args
-        return step == self._stage2_step() or (step >= a.warmup_steps and (step - a.warmup_steps) % a.interval == 0)
+        return step == self.stage2_step or (step >= a.warmup_steps and (step - a.warmup_steps) % a.interval == 0)
 
     def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
         if not self.due(step):
             return None
-        if step == self._stage2_step():
+        if step == self.stage2_step:
             self.frozen = True
             return Plan(
                 [LayerChange(n, "truncate", rank=self.ranks[n]) for n in layers if n in self.ranks],
@@ -134,9 +134,8 @@ class InRank(RankStrategy):
                 self.ranks[name] = layer.rank
                 self.buffers[name] = layer.capacity - layer.rank
             r, b, cap = self.ranks[name], self.buffers[name], layer.capacity
-            s = layer.singular_values()
-            if not bool(s.isfinite().all()):
-                self.context.warn(f"InRank: non-finite singular values in {name} at step {step}; skipping its check.")
+            s = self.singular_values(name, layer)
+            if s is None:
                 continue
             new_r = max(r, min(first_rank_above(s, self.args.threshold, r, min(r + b, cap - b)), cap - b))
             if new_r > r:

@@ -1,0 +1,76 @@
+"""Dense warm start (Kamalakara et al., 2022): dense for a while, then SVD to factorized.
+
+The fixed-rank parts of the same paper need no strategy of their own: spectral init,
+spectral-ones and Frobenius decay are ``strategy="fixed"`` with ``LowRankConfig(init="spectral"
+| "spectral-ones", frobenius_decay=...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..config import resolve_size
+from ..layer import LayerSpec, LowRankLinear
+from .base import LayerChange, Plan, RankStrategy, StrategyArgs
+
+
+@dataclass
+class WarmStartArgs(StrategyArgs):
+    """Warm-start settings."""
+
+    dense_steps: Union[float, int] = 0.1  # fraction of training (float) or steps (int) trained dense; our choice
+    lr_factor: float = 0.5  # "go on with the learning rate halved" (the paper)
+    spectral_ones: bool = False  # split with singular values set to 1 instead of the balanced SVD
+
+    def check(self) -> None:
+        v = self.dense_steps
+        self.require(
+            "dense_steps",
+            (isinstance(v, float) and 0 < v < 1) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "give a fraction of training in (0, 1) or a number of steps >= 1",
+        )
+        self.require_positive("lr_factor")
+        self.require("spectral_ones", isinstance(self.spectral_ones, bool), "give true or false")
+
+
+class WarmStart(RankStrategy):
+    """Dense until ``dense_steps``, then every layer is split at ``LowRankConfig.rank``."""
+
+    name = "warm_start"
+    Args = WarmStartArgs
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.switched = False
+
+    def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        return LayerSpec("dense")
+
+    def bind(self, context) -> None:
+        super().bind(context)
+        self.switch_step = self.fraction_to_step(self.args.dense_steps, "dense_steps")
+
+    def due(self, step: int) -> bool:
+        return not self.switched and step >= self.switch_step
+
+    def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
+        if not self.due(step):
+            return None
+        self.switched = True
+        c = self.config
+        changes = []
+        for name, layer in layers.items():
+            rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
+            capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
+            changes.append(LayerChange(name, "to_factorized", rank=rank, capacity=capacity, ones=self.args.spectral_ones))
+        return Plan(changes, lr_factor=self.args.lr_factor, reason=f"warm start: dense -> factorized at step {step}")
+
+    def is_final(self) -> bool:
+        return self.switched
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"switched": self.switched}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.switched = bool(state["switched"])
