@@ -261,8 +261,11 @@ class LowRankTrainer(Trainer):
             return
         handler = self.accelerator.ddp_handler
         kwargs = handler.to_kwargs() if handler is not None else {}
-        device_ids = [self.args.local_process_index] if self.args.device.type == "cuda" else None
+        device = next(self.model.parameters()).device
+        device_ids = None if device.type == "cpu" else [device.index]
         new = ddp(self.model, device_ids=device_ids, output_device=device_ids[0] if device_ids else None, **kwargs)
+        if handler is not None:
+            handler.register_comm_hook(new)
         self.accelerator._models = [new if m is self.model_wrapped else m for m in self.accelerator._models]
         self.model_wrapped = new
         self._rewrapped = True

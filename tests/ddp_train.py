@@ -1,0 +1,47 @@
+"""A tiny InRank run for the distributed tests: `torchrun --nproc_per_node N tests/ddp_train.py OUT BATCH [RESUME]`.
+
+Each process writes its rank pattern, strategy state and per-step losses to OUT/process-<rank>.json.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import TokenDataset, tiny_gpt2  # noqa: E402
+
+from hf_lowrank import LowRankConfig, get_lowrank_model  # noqa: E402
+from hf_lowrank.trainer import LowRankTrainer  # noqa: E402
+
+
+def main(out: str, batch: int, resume: str | None) -> None:
+    config = LowRankConfig(
+        target_modules=["c_fc", "c_proj"], exclude_modules=r".*attn.*", strategy="inrank",
+        strategy_args={"warmup_steps": 4, "interval": 2, "stage2_at": 0.5},
+    )
+    model = get_lowrank_model(tiny_gpt2(), config)
+    args = transformers.TrainingArguments(
+        out, max_steps=16, per_device_train_batch_size=batch, learning_rate=3e-3, logging_steps=1,
+        save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        lr_scheduler_type="linear", ddp_backend="gloo", ddp_find_unused_parameters=False,
+    )
+    trainer = LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
+    trainer.train(resume_from_checkpoint=resume)
+    rank = int(os.environ.get("RANK", "0"))
+    record = {
+        "world_size": trainer.args.world_size,
+        "rank_pattern": model.rank_pattern(),
+        "strategy_state": trainer.strategy.state_dict(),
+        "losses": {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e},
+        "ddp": type(trainer.model_wrapped).__name__,
+    }
+    with open(os.path.join(out, f"process-{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
