@@ -34,8 +34,20 @@ def _parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
             value = next(it, None)
             if value is None:
                 raise SystemExit(f"hf-lowrank train: option --{key} needs a value")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = _scalar(value)
     return overrides
+
+
+def _scalar(text: str) -> Any:
+    """YAML value, with numbers such as ``4e-3`` read as floats (YAML 1.1 wants ``4.0e-3``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
 
 
 def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:

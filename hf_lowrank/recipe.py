@@ -124,7 +124,8 @@ def build_model(opts: RecipeOptions, vocab_size: int, num_labels: int | None = N
     return head(config)
 
 
-def _data(opts: RecipeOptions):
+def load_data(opts: RecipeOptions):
+    """``(tokenizer, datasets, label names or None)`` for the options' task and corpus."""
     from .data import build_classification_datasets, build_lm_datasets, get_tokenizer, load_text_corpus
 
     corpus = load_text_corpus(opts.dataset if opts.task == "clm" else "wiki", seed=opts.seed, data_files=opts.data_files)
@@ -136,7 +137,10 @@ def _data(opts: RecipeOptions):
     return tokenizer, data, labels
 
 
-def _train_one(opts: RecipeOptions, lowrank: dict[str, Any], output_dir: str, tokenizer, data, labels) -> dict[str, Any]:
+def train_one(
+    opts: RecipeOptions, lowrank: dict[str, Any], output_dir: str, tokenizer, data, labels, callbacks: tuple = ()
+) -> dict[str, Any]:
+    """Train one model with ``lowrank`` settings and return its result dict (also ``result["trainer"]``)."""
     import transformers
 
     from .metrics import load_metric, perplexity
@@ -181,7 +185,7 @@ def _train_one(opts: RecipeOptions, lowrank: dict[str, Any], output_dir: str, to
 
     trainer = LowRankTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
-        processing_class=tokenizer, compute_metrics=compute_metrics,
+        processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=list(callbacks),
     )
     start = time.perf_counter()
     train_out = trainer.train()
@@ -207,17 +211,20 @@ def _train_one(opts: RecipeOptions, lowrank: dict[str, Any], output_dir: str, to
         result["perplexity"] = perplexity(metrics["eval_loss"])
     else:
         result.update(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
+    result["trainer"] = trainer
     return result
 
 
 def run(opts: RecipeOptions) -> dict[str, Any]:
     """Train (and optionally the dense comparison), print the result block, write ``results.json``."""
-    tokenizer, data, labels = _data(opts)
-    results = {"lowrank": _train_one(opts, opts.lowrank, opts.output_dir, tokenizer, data, labels)}
+    tokenizer, data, labels = load_data(opts)
+    results = {"lowrank": train_one(opts, opts.lowrank, opts.output_dir, tokenizer, data, labels)}
     if opts.compare_full_rank:
         dense = {k: v for k, v in opts.lowrank.items() if k in ("target_modules", "exclude_modules")}
         dense.update(mode="dense", strategy="fixed")
-        results["full_rank"] = _train_one(opts, dense, os.path.join(opts.output_dir, "full_rank"), tokenizer, data, labels)
+        results["full_rank"] = train_one(opts, dense, os.path.join(opts.output_dir, "full_rank"), tokenizer, data, labels)
+    for result in results.values():
+        result.pop("trainer")
     results["options"] = dataclasses.asdict(opts)
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(Path(opts.output_dir) / "results.json", results)
