@@ -2,9 +2,10 @@
 
 Phase 1 trains dense and records each layer's stable rank every ``measure_every`` optimizer
 steps. A layer is stable once its stable-rank curve flattens (EMA, gradient, threshold, made
-easier as fewer layers remain). When every layer is stable, each goes dense -> factorized at
-its scaled stable rank by the balanced SVD split, except the layers a measurement shows do
-not get faster (and, optionally, the first blocks): they stay dense.
+easier as fewer layers remain: :class:`ConvergenceDetector`). When every layer is stable (or
+at the optional deadline), each layer goes dense -> factorized at its scaled stable rank by
+the balanced SVD split, except the layers a measurement shows do not get faster (and,
+optionally, the first blocks): they stay dense.
 """
 
 from __future__ import annotations
@@ -18,29 +19,29 @@ import numpy as np
 from ..layer import LayerSpec, LowRankLinear
 from ..profiling import profile_layer
 from ..spectral import scaled_stable_rank, stable_rank
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs
+from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
 
 
 @dataclass
 class CuttlefishArgs(StrategyArgs):
-    """Cuttlefish settings. Detector defaults are the authors' DeiT ones."""
+    """Cuttlefish settings. The detector defaults are the authors' DeiT ones (a transformer)."""
 
-    measure_every: int = 10  # optimizer steps between stable-rank measurements (the paper: once per epoch)
-    window: int = 5  # w: EMA span and minimum number of measurements (DeiT: 5; CIFAR: 15)
-    mean_over: int = 5  # m: how many of the last EMA gradients are averaged (DeiT: 5; CIFAR: 11)
-    tau: float = 0.411  # convergence threshold on mean |d ema / d measurement| (DeiT: 0.411; CIFAR: 0.1)
-    relax_few: float = 2.5  # tau multiplier when few layers remain unstable (the authors' code)
-    relax_last: float = 5.0  # tau multiplier when one or very few remain (the authors' code)
-    few_fraction: float = 0.25  # "few" = at most this fraction of tracked layers unstable (our reading)
-    last_fraction: float = 0.1  # "very few" = at most this fraction, or a single layer (our reading)
+    measure_every: int = 10  # optimizer steps between stable-rank measurements; the paper: once per epoch (our choice for LMs)
+    window: int = 5  # w: EMA span and minimum number of measurements (the authors' DeiT: 5; CIFAR: 15)
+    mean_over: int = 5  # m: how many of the last |EMA gradient| values are averaged (DeiT: 5; CIFAR: 11)
+    tau: float = 0.411  # convergence threshold on mean |d EMA / d measurement| (DeiT: 0.411; CIFAR: 0.1; ResNet-50: 0.33)
+    relax_few: float = 2.5  # tau multiplier when few layers remain unstable (the authors: x2.5)
+    relax_last: float = 5.0  # tau multiplier when one or very few remain unstable (the authors: x5)
+    few_fraction: float = 0.25  # "few": at most this fraction of the tracked layers unstable (our reading)
+    last_fraction: float = 0.1  # "very few": a single layer, or at most this fraction (our reading)
     floor_fraction: float = 0.0  # rank floor as a fraction of full rank (DeiT 0.5, ResNet-50 0.2, CIFAR none)
-    max_dense_steps: Union[float, int] = 0.5  # switch at this point even if not all layers converged (our choice)
-    factorized_lr_decay: float = 3.0  # learning rate divided by this at the switch (DeiT: 3.0)
-    rewarm_steps: int = 0  # > 0: re-warm the learning rate over this many steps instead of dividing
-    select_layers: str = "measured"  # "measured": keep dense the layers that do not get faster; "all"
-    min_speedup: float = 1.0  # a layer is factorized only if dense / factorized time >= this
-    keep_first_blocks: int = 0  # also keep the first K transformer blocks dense (the authors' K)
-    profile_repeats: int = 5  # timed repetitions per profiled shape (median is used)
+    max_dense_steps: Union[float, int, None] = 0.5  # switch here even if not all layers converged; None: no deadline (our choice)
+    factorized_lr_decay: float = 3.0  # learning rate divided by this at the switch (the authors' DeiT: 3.0)
+    rewarm_steps: int = 0  # > 0: re-warm the learning rate over this many steps instead of dividing it
+    select_layers: str = "measured"  # "measured": keep dense the layers not measured faster; "all": factorize all
+    min_speedup: float = 1.05  # factorize only if dense / factorized time >= this (our choice: a margin over timing noise)
+    keep_first_blocks: int = 0  # also keep the first K blocks dense (the authors keep K early blocks; 0 = let timing decide)
+    profile_repeats: int = 5  # timed repetitions per profiled shape; the median is used (our choice)
 
     def check(self) -> None:
         for name in ("measure_every", "window", "mean_over", "profile_repeats"):
@@ -49,23 +50,25 @@ class CuttlefishArgs(StrategyArgs):
         self.require_positive_int("rewarm_steps", zero_ok=True)
         for name in ("tau", "relax_few", "relax_last", "factorized_lr_decay", "min_speedup"):
             self.require_positive(name)
+        for name in ("relax_few", "relax_last"):
+            self.require(name, getattr(self, name) >= 1, "give a number >= 1 (tau is relaxed, never tightened)")
         for name in ("few_fraction", "last_fraction"):
             self.require_fraction(name)
         self.require_fraction("floor_fraction", low_open=False)
         v = self.max_dense_steps
         self.require(
             "max_dense_steps",
-            (isinstance(v, float) and 0 < v <= 1) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-            "give a fraction of training in (0, 1] or a step >= 1",
+            v is None or (isinstance(v, float) and 0 < v <= 1) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            "give a fraction of training in (0, 1], a step >= 1, or None for no deadline",
         )
         self.require("select_layers", self.select_layers in ("measured", "all"), "choose 'measured' or 'all'")
 
 
 def converged(stable_ranks: list[float], window: int, mean_over: int, tau: float) -> bool:
-    """The Cuttlefish detector on one layer's stable-rank sequence.
+    """The Cuttlefish test on one layer's stable-rank sequence.
 
-    EMA with ``a = 2 / (window + 1)``; ``g = |gradient(ema)|``; converged once there are at
-    least ``window`` measurements and ``mean(g[-mean_over:]) <= tau``.
+    EMA with ``a = 2 / (window + 1)``; ``g = |numpy.gradient(ema)|``; converged once there are
+    at least ``window`` measurements (and two, for a gradient) and ``mean(g[-mean_over:]) <= tau``.
     """
     if len(stable_ranks) < max(window, 2):
         return False
@@ -77,49 +80,110 @@ def converged(stable_ranks: list[float], window: int, mean_over: int, tau: float
     return float(g[-mean_over:].mean()) <= tau
 
 
+class ConvergenceDetector:
+    """Per-layer stable-rank histories and sticky stability, with tau relaxed as layers settle.
+
+    ``tau_eff`` is fixed for one measurement round from the number of layers still unstable
+    before the round: ``tau * relax_last`` when one layer or at most ``last_fraction`` of the
+    tracked layers remain, ``tau * relax_few`` when at most ``few_fraction`` remain, else
+    ``tau``. Relaxation needs at least one layer already stable ("remain"), so a single
+    tracked layer is held to ``tau`` itself.
+    """
+
+    def __init__(self, window: int, mean_over: int, tau: float, relax_few: float = 2.5, relax_last: float = 5.0,
+                 few_fraction: float = 0.25, last_fraction: float = 0.1):
+        self.window, self.mean_over, self.tau = window, mean_over, tau
+        self.relax_few, self.relax_last = relax_few, relax_last
+        self.few_fraction, self.last_fraction = few_fraction, last_fraction
+        self.history: dict[str, list[float]] = {}
+        self.stable: dict[str, bool] = {}
+
+    def tau_effective(self) -> float:
+        """The threshold for the next round, from how many tracked layers are still unstable."""
+        total = len(self.stable)
+        left = sum(not v for v in self.stable.values())
+        if left == 0 or left == total:
+            return self.tau
+        if left <= 1 or left <= self.last_fraction * total:
+            return self.tau * self.relax_last
+        if left <= self.few_fraction * total:
+            return self.tau * self.relax_few
+        return self.tau
+
+    def update(self, measurements: dict[str, float]) -> list[str]:
+        """Record one round of stable ranks; returns the layers that became stable in it."""
+        for name, value in measurements.items():
+            self.history.setdefault(name, []).append(value)
+            self.stable.setdefault(name, False)
+        tau = self.tau_effective()
+        newly = [
+            name for name in measurements
+            if not self.stable[name] and converged(self.history[name], self.window, self.mean_over, tau)
+        ]
+        for name in newly:
+            self.stable[name] = True
+        return newly
+
+    def all_stable(self) -> bool:
+        """True once at least one layer is tracked and every tracked layer is stable."""
+        return bool(self.stable) and all(self.stable.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "stable": dict(self.stable)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.stable = {k: bool(v) for k, v in state["stable"].items()}
+
+
 def block_index(name: str) -> int | None:
-    """The transformer block a layer belongs to: the first number in its dotted name."""
+    """The block a layer belongs to: the first integer component of its dotted name.
+
+    ``transformer.h.3.mlp.c_fc`` -> 3, ``model.layers.12.self_attn.q_proj`` -> 12,
+    ``bert.encoder.layer.0.output.dense`` -> 0; None when the name has no integer component.
+    """
     match = re.search(r"\.(\d+)\.", f".{name}.")
     return int(match.group(1)) if match else None
 
 
 class Cuttlefish(RankStrategy):
-    """Dense warm-up until stable ranks converge, then factorize at scaled stable ranks."""
+    """Dense until stable ranks converge, then factorize at scaled stable ranks where it pays."""
 
     name = "cuttlefish"
     Args = CuttlefishArgs
 
     def __init__(self, config):
         super().__init__(config)
+        a = self.args
+        self.detector = ConvergenceDetector(
+            a.window, a.mean_over, a.tau, a.relax_few, a.relax_last, a.few_fraction, a.last_fraction
+        )
         self.xi: dict[str, float] = {}  # full_rank / srank(W at init), stored once per layer
-        self.history: dict[str, list[int]] = {}  # stable rank per measurement
-        self.stable: dict[str, bool] = {}
-        self.switched = False
+        self.switched_at: int | None = None
         self.decisions: list[dict[str, Any]] = []
+        self.deadline: int | None = None
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
-        s = self.singular_values(name, layer)
-        srank = stable_rank(s) if s is not None else 0
-        self.xi[name] = layer.full_rank / max(1, srank)
+        self._store_xi(name, layer)
         return LayerSpec("dense")
 
-    def bind(self, context) -> None:
+    def _store_xi(self, name: str, layer: LowRankLinear) -> None:
+        """``xi = full_rank / srank(W)`` from the layer as it is now, unless already stored."""
+        if name in self.xi:
+            return
+        s = self.singular_values(name, layer)
+        if s is not None:
+            self.xi[name] = layer.full_rank / max(1, stable_rank(s))
+
+    def bind(self, context: TrainContext) -> None:
         super().bind(context)
-        self.deadline = self.fraction_to_step(self.args.max_dense_steps, "max_dense_steps")
+        v = self.args.max_dense_steps
+        self.deadline = None if v is None else self.fraction_to_step(v, "max_dense_steps")
 
     def due(self, step: int) -> bool:
-        return not self.switched and (step % self.args.measure_every == 0 or step >= self.deadline)
-
-    def tau_effective(self) -> float:
-        """tau, relaxed as fewer layers remain unstable."""
-        a = self.args
-        total = max(1, len(self.stable))
-        left = sum(not v for v in self.stable.values())
-        if left <= 1 or left <= a.last_fraction * total:
-            return a.tau * a.relax_last
-        if left <= a.few_fraction * total:
-            return a.tau * a.relax_few
-        return a.tau
+        if self.switched_at is not None:
+            return False
+        return step % self.args.measure_every == 0 or (self.deadline is not None and step >= self.deadline)
 
     def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
         if not self.due(step):
@@ -130,71 +194,74 @@ class Cuttlefish(RankStrategy):
                 s = self.singular_values(name, layer)
                 if s is None:
                     continue
+                if name not in self.xi:  # wrapped from a saved layout: the first measurement stands in for init
+                    self.xi[name] = layer.full_rank / max(1, stable_rank(s))
                 spectra[name] = s
-                self.history.setdefault(name, []).append(stable_rank(s))
-                self.stable.setdefault(name, False)
-            tau = self.tau_effective()
-            for name, ranks in self.history.items():
-                if not self.stable[name]:
-                    self.stable[name] = converged(ranks, self.args.window, self.args.mean_over, tau)
-        all_stable = bool(self.stable) and all(self.stable.values())
-        if not (all_stable or step >= self.deadline):
-            return None
-        return self._switch(step, layers, spectra, "all stable ranks converged" if all_stable else "dense-phase deadline")
+            self.detector.update({name: stable_rank(s) for name, s in spectra.items()})
+        if self.detector.all_stable():
+            return self._switch(step, layers, spectra, "every layer's stable rank converged")
+        if self.deadline is not None and step >= self.deadline:
+            return self._switch(step, layers, spectra, f"dense-phase deadline (max_dense_steps={self.args.max_dense_steps!r})")
+        return None
 
     def _switch(self, step: int, layers: dict[str, LowRankLinear], spectra: dict, why: str) -> Plan:
         a, ctx = self.args, self.context
-        self.switched = True
-        changes, cache = [], {}
+        self.switched_at = step
+        changes, timings = [], {}
         for name, layer in layers.items():
-            s = spectra.get(name)
-            if s is None:
-                s = self.singular_values(name, layer)
+            s = spectra[name] if name in spectra else self.singular_values(name, layer)
             if s is None:
                 self.decisions.append({"layer": name, "kept_dense": True, "why": "spectrum not available"})
                 continue
-            xi = self.xi.get(name, 1.0)
-            rank = scaled_stable_rank(s, xi, layer.full_rank, a.floor_fraction)
-            row: dict[str, Any] = {"layer": name, "rank": rank, "full_rank": layer.full_rank}
+            rank = scaled_stable_rank(s, self.xi.get(name, 1.0), layer.full_rank, a.floor_fraction)
+            row: dict[str, Any] = {
+                "layer": name, "rank": rank, "full_rank": layer.full_rank,
+                "stable_rank": stable_rank(s), "converged": self.detector.stable.get(name, False),
+            }
             block = block_index(name)
-            if rank >= layer.full_rank or rank * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
-                row.update(kept_dense=True, why="the factorization would not be smaller")
+            if rank * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+                row.update(kept_dense=True, why="the factors would not be smaller than the dense weight")
             elif block is not None and block < a.keep_first_blocks:
                 row.update(kept_dense=True, why=f"block {block} < keep_first_blocks={a.keep_first_blocks}")
             elif a.select_layers == "measured":
                 shape = (layer.in_features, layer.out_features, rank)
-                if shape not in cache:
-                    cache[shape] = profile_layer(*shape, tokens=ctx.tokens_per_batch, device=ctx.device, dtype=ctx.dtype, repeats=a.profile_repeats)
-                row.update(cache[shape])
-                fast = cache[shape]["speedup"] >= a.min_speedup
-                row.update(kept_dense=not fast, why=f"measured speedup {cache[shape]['speedup']:.2f}x vs min_speedup {a.min_speedup}")
+                if shape not in timings:  # each distinct shape is profiled once
+                    timings[shape] = profile_layer(
+                        *shape, tokens=ctx.tokens_per_batch, device=ctx.device, dtype=ctx.dtype, repeats=a.profile_repeats
+                    )
+                t = timings[shape]
+                speedup = t["dense_s"] / max(t["factorized_s"], 1e-12)
+                row.update(dense_s=t["dense_s"], factorized_s=t["factorized_s"], speedup=speedup)
+                row.update(kept_dense=speedup < a.min_speedup, why=f"measured speedup {speedup:.2f}x vs min_speedup {a.min_speedup}")
             else:
                 row.update(kept_dense=False, why="select_layers='all'")
             if not row["kept_dense"]:
                 changes.append(LayerChange(name, "to_factorized", rank=rank, capacity=rank))
             self.decisions.append(row)
-        lr_factor = 1.0 if a.rewarm_steps else 1.0 / a.factorized_lr_decay
-        return Plan(changes, lr_factor=lr_factor, rewarm_steps=a.rewarm_steps, reason=f"cuttlefish switch at step {step}: {why}")
+        reason = f"cuttlefish switch at step {step}: {why}; {len(changes)} of {len(layers)} layers factorized"
+        if not changes:  # nothing changes, so the learning rate does not either
+            return Plan([], reason=reason)
+        if a.rewarm_steps:
+            return Plan(changes, rewarm_steps=a.rewarm_steps, reason=reason)
+        return Plan(changes, lr_factor=1.0 / a.factorized_lr_decay, reason=reason)
 
     def report(self) -> list[dict[str, Any]]:
-        """Per-layer switch decisions: rank, measured times, kept dense and why."""
-        return list(self.decisions)
+        """Per-layer switch decisions: rank, measured times, kept dense and why (empty before the switch)."""
+        return [dict(row) for row in self.decisions]
 
     def is_final(self) -> bool:
-        return self.switched
+        return self.switched_at is not None
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "xi": dict(self.xi),
-            "history": {k: list(v) for k, v in self.history.items()},
-            "stable": dict(self.stable),
-            "switched": self.switched,
-            "decisions": self.decisions,
+            **self.detector.state_dict(),
+            "switched_at": self.switched_at,
+            "decisions": self.report(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.xi = dict(state["xi"])
-        self.history = {k: list(v) for k, v in state["history"].items()}
-        self.stable = dict(state["stable"])
-        self.switched = bool(state["switched"])
-        self.decisions = list(state["decisions"])
+        self.xi = {k: float(v) for k, v in state["xi"].items()}
+        self.detector.load_state_dict(state)
+        self.switched_at = state["switched_at"]
+        self.decisions = [dict(row) for row in state["decisions"]]

@@ -17,59 +17,82 @@ import torch
 
 from ..config import resolve_size
 from ..layer import LayerSpec, LowRankLinear
-from ..spectral import effective_rank, energy_fraction
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs
+from ..spectral import condition_ratio, effective_rank, energy_fraction
+from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
 
-# Collapse metrics: f(singular values of B A, active rank) -> value in [0, 1], lower = more collapsed.
-COLLAPSE_METRICS: dict[str, Callable[[torch.Tensor, int], float]] = {
-    "effective_rank_ratio": lambda s, r: effective_rank(s) / r,
-    "inverse_condition": lambda s, r: float(s[r - 1] / s[0]) if float(s[0]) > 0 else 0.0,
-    "tail_energy": lambda s, r: 1.0 - energy_fraction(s, math.ceil(r / 4)),
+
+@dataclass(frozen=True)
+class CollapseMetric:
+    """A measure of rank collapse of one factorized layer, from the spectrum ``s`` of its ``B A``.
+
+    ``compute(s, layer)`` gives the value; the layers' mean signals collapse when it is below
+    (``collapsed_when="below"``) or above (``"above"``) the threshold.
+    """
+
+    compute: Callable[[torch.Tensor, LowRankLinear], float]
+    collapsed_when: str
+    default_threshold: float
+
+    def collapsed(self, value: float, threshold: float) -> bool:
+        return value < threshold if self.collapsed_when == "below" else value > threshold
+
+
+# Pluggable: add an entry before building the LowRankConfig that names it. Thresholds are our choice.
+COLLAPSE_METRICS: dict[str, CollapseMetric] = {
+    # effective rank (Roy and Vetterli) / active rank: 1 for a flat spectrum, 1/r for rank one
+    "effective_rank_ratio": CollapseMetric(lambda s, layer: effective_rank(s) / layer.rank, "below", 0.5),
+    # s_1 / s_r over the active rank: grows as the last direction dies (capped at 1e12 to stay finite in JSON)
+    "condition_ratio": CollapseMetric(lambda s, layer: min(condition_ratio(s, layer.rank), 1e12), "above", 100.0),
+    # energy of the top quarter of the active rank: 1/4 for a flat spectrum, 1 for rank one
+    "energy_fraction": CollapseMetric(lambda s, layer: energy_fraction(s, math.ceil(layer.rank / 4)), "above", 0.9),
 }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
 class DynamicArgs(StrategyArgs):
-    """Dynamic rank adjustment settings. Schedule points: fraction of training (float) or step (int)."""
+    """Dynamic rank adjustment settings. Schedule points: fraction of training (float) or optimizer step (int)."""
 
-    rank: Union[int, float] = 0.5  # factorized rank; the paper: 0.5 of the output size (we use min(in, out))
-    inflate_at: Union[float, int] = 0.367  # the authors' CIFAR-10 schedule: inflate at epoch 55 of 150
-    deflate_at: Union[float, int] = 0.8  # deflate at epoch 120 of 150 (lr decays at 100 and 130)
+    rank: Union[int, float] = 0.5  # factorized rank: int, or fraction of min(in, out); the paper: 0.5 of the output size
+    inflate_at: Union[float, int] = 0.367  # the authors' CIFAR-10 ResNet-20: inflate at epoch 55 of 150
+    deflate_at: Union[float, int] = 0.8  # the authors: deflate at epoch 120 of 150 (lr /10 at 100 and 130)
     alpha: float = 16.0  # adapter scale alpha / r after deflating (the paper)
-    adapter_rank: Union[int, float, None] = None  # adapter rank after deflating; None = rank
+    adapter_rank: Union[int, float, None] = None  # adapter rank after deflating; None: the factorized rank (our choice)
     check_schedule: bool = True  # warn when the dense phase misses the high-lr or the post-decay regime
-    high_lr_fraction: float = 0.5  # "high learning rate" = at least this fraction of the peak (our choice)
-    low_lr_fraction: float = 0.2  # "after a decay" = at most this fraction of the peak, after the peak (our choice)
-    auto_inflate: bool = False  # inflate when the collapse metric falls below collapse_threshold
-    collapse_metric: str = "effective_rank_ratio"  # a key of COLLAPSE_METRICS
-    collapse_threshold: float = 0.5  # mean metric over factorized layers that counts as collapse (our choice)
-    check_every: int = 25  # optimizer steps between collapse checks
-    auto_dense_steps: Union[float, int] = 0.2  # length of the dense phase after an automatic inflate
+    high_lr_fraction: float = 0.5  # "high learning rate": at least this fraction of the peak (our choice)
+    low_lr_fraction: float = 0.25  # "after a decay": at most this fraction of the peak, after the peak (our choice; the authors decay 10x)
+    auto_inflate: bool = False  # inflate when the collapse metric crosses collapse_threshold (inflate_at/deflate_at unused)
+    collapse_metric: str = "effective_rank_ratio"  # a key of COLLAPSE_METRICS (the paper's metric was not retrievable)
+    collapse_threshold: Union[float, None] = None  # None: the metric's default (0.5, 100, 0.9; our choice)
+    check_every: int = 25  # optimizer steps between collapse checks (our choice)
+    dense_steps_after_auto: Union[float, int] = 0.433  # dense-phase length after an automatic inflate; the authors' 65 of 150 epochs
 
     def check(self) -> None:
         for name in ("rank", "adapter_rank"):
             v = getattr(self, name)
-            if name == "adapter_rank" and v is None:
+            if v is None and name == "adapter_rank":
                 continue
-            self.require(
-                name,
-                (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
-                "give an int >= 1 or a fraction in (0, 1]",
-            )
-        for name in ("inflate_at", "deflate_at", "auto_dense_steps"):
+            self.require(name, (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "give an int >= 1 or a fraction in (0, 1]")
+        for name in ("inflate_at", "deflate_at", "dense_steps_after_auto"):
             v = getattr(self, name)
             self.require(
                 name,
-                (isinstance(v, float) and 0 <= v <= 1) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-                "give a fraction of training in [0, 1] or a step >= 0",
+                (isinstance(v, float) and 0 < v <= 1) or (_is_int(v) and v >= 1),
+                "give a fraction of training in (0, 1] or a step >= 1",
             )
-        if type(self.inflate_at) is type(self.deflate_at) and self.inflate_at >= self.deflate_at and not self.auto_inflate:
+        if type(self.inflate_at) is type(self.deflate_at) and self.inflate_at >= self.deflate_at:
             self.fail("inflate_at", self.inflate_at, f"it must come before deflate_at={self.deflate_at!r}")
         self.require_positive("alpha")
+        for name in ("check_schedule", "auto_inflate"):
+            self.require(name, isinstance(getattr(self, name), bool), "give true or false")
         self.require_fraction("high_lr_fraction")
         self.require_fraction("low_lr_fraction")
         self.require("collapse_metric", self.collapse_metric in COLLAPSE_METRICS, f"choose one of {sorted(COLLAPSE_METRICS)}")
-        self.require_positive("collapse_threshold")
+        if self.collapse_threshold is not None:
+            self.require_positive("collapse_threshold")
         self.require_positive_int("check_every")
 
 
@@ -81,92 +104,115 @@ class DynamicRank(RankStrategy):
 
     def __init__(self, config):
         super().__init__(config)
-        self.phase = "factorized"
-        self.inflate_step: int | None = None
+        self.phase = "factorized"  # then "dense", then "residual"
+        self.inflate_step: int | None = None  # scheduled (bind) or triggered (auto) step of the inflate
         self.deflate_step: int | None = None
-        self.metric_history: list[list[float]] = []  # [step, metric] of automatic checks
+        self.metric_history: list[list[float]] = []  # [step, mean collapse metric] of automatic checks
 
-    def _rank(self, value, name: str, layer: LowRankLinear) -> int:
-        return resolve_size(value, layer.in_features, layer.out_features, "strategy_args.rank", name)
+    @property
+    def metric(self) -> CollapseMetric:
+        return COLLAPSE_METRICS[self.args.collapse_metric]
+
+    @property
+    def threshold(self) -> float:
+        t = self.args.collapse_threshold
+        return self.metric.default_threshold if t is None else t
+
+    def _rank(self, value: int | float, field: str, name: str, layer: LowRankLinear) -> int:
+        return resolve_size(value, layer.in_features, layer.out_features, f"strategy_args.{field}", name)
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
-        r = self._rank(self.args.rank, name, layer)
+        r = self._rank(self.args.rank, "rank", name, layer)
+        if self.args.adapter_rank is not None:
+            self._rank(self.args.adapter_rank, "adapter_rank", name, layer)  # fail now, not at the deflate
         return LayerSpec("factorized", r, r)
 
-    def bind(self, context) -> None:
+    def bind(self, context: TrainContext) -> None:
         super().bind(context)
         a = self.args
-        if self.inflate_step is None and not a.auto_inflate:
-            self.inflate_step = self.fraction_to_step(a.inflate_at, "inflate_at")
-            self.deflate_step = self.fraction_to_step(a.deflate_at, "deflate_at")
-            if self.inflate_step >= self.deflate_step:
-                raise ValueError(
-                    f"LowRankConfig.strategy_args.inflate_at={a.inflate_at!r} (step {self.inflate_step}) is not before "
-                    f"deflate_at={a.deflate_at!r} (step {self.deflate_step}); the dense phase would be empty."
-                )
-            if a.check_schedule:
-                for message in self.schedule_problems():
-                    context.warn(message)
-        self.fraction_to_step(a.auto_dense_steps, "auto_dense_steps")
+        if a.auto_inflate:
+            self.fraction_to_step(a.dense_steps_after_auto, "dense_steps_after_auto")
+            return
+        inflate = self.fraction_to_step(a.inflate_at, "inflate_at")
+        deflate = self.fraction_to_step(a.deflate_at, "deflate_at")
+        if inflate >= deflate:
+            raise ValueError(
+                f"LowRankConfig.strategy_args.inflate_at={a.inflate_at!r} (step {inflate}) is not before "
+                f"deflate_at={a.deflate_at!r} (step {deflate}); the dense phase would be empty."
+            )
+        self.inflate_step, self.deflate_step = inflate, deflate
+        if a.check_schedule and self.phase == "factorized":
+            for message in self.schedule_problems():
+                self.warn(message)
 
     def schedule_problems(self) -> list[str]:
-        """What the dense phase misses of the learning-rate schedule (empty when it covers both regimes)."""
+        """What the dense phase misses of the learning-rate schedule (empty when it covers both regimes).
+
+        ``context.lr_at(i)`` is the rate of the optimizer step that follows ``i`` completed
+        steps, so the dense phase trains at ``i`` in ``[inflate_step, deflate_step)``.
+        """
         ctx, a = self.context, self.args
-        lrs = [ctx.lr_at(s) for s in range(ctx.max_steps)]
-        peak = max(lrs) if lrs else 0.0
+        lrs = [float(ctx.lr_at(i)) for i in range(ctx.max_steps)]
+        peak = max(lrs, default=0.0)
         if peak <= 0:
             return []
-        peak_step = lrs.index(peak)
-        phase = range(self.inflate_step, self.deflate_step)
+        peak_at = lrs.index(peak)
+        phase = range(self.inflate_step, min(self.deflate_step, ctx.max_steps))
+        where = f"dynamic: the dense phase (steps {self.inflate_step}-{self.deflate_step} of {ctx.max_steps})"
         problems = []
-        if not any(lrs[s] >= a.high_lr_fraction * peak for s in phase):
+        if not any(lrs[i] >= a.high_lr_fraction * peak for i in phase):
             problems.append(
-                f"dynamic: the dense phase (steps {self.inflate_step}-{self.deflate_step}) never sees a high learning rate "
-                f"(>= {a.high_lr_fraction} x peak); move inflate_at earlier."
+                f"{where} never sees a high learning rate (>= {a.high_lr_fraction} x peak {peak:g}); "
+                "move strategy_args.inflate_at earlier."
             )
-        if not any(s > peak_step and lrs[s] <= a.low_lr_fraction * peak for s in phase):
+        if not any(i > peak_at and lrs[i] <= a.low_lr_fraction * peak for i in phase):
             problems.append(
-                f"dynamic: the dense phase (steps {self.inflate_step}-{self.deflate_step}) never reaches the post-decay regime "
-                f"(<= {a.low_lr_fraction} x peak); move deflate_at later."
+                f"{where} never reaches the post-decay regime (<= {a.low_lr_fraction} x peak {peak:g} after the peak "
+                f"at step {peak_at}); move strategy_args.deflate_at later or decay the learning rate earlier."
             )
         return problems
 
     def collapse(self, layers: dict[str, LowRankLinear]) -> float | None:
-        """Mean collapse metric over factorized layers; None when no layer gives a finite spectrum."""
+        """Mean collapse metric over the factorized layers; None when no layer gives a finite spectrum."""
         values = []
         for name, layer in layers.items():
             if layer.mode != "factorized":
                 continue
             s = self.singular_values(name, layer)
             if s is not None:
-                values.append(COLLAPSE_METRICS[self.args.collapse_metric](s, layer.rank))
+                values.append(float(self.metric.compute(s, layer)))
         return sum(values) / len(values) if values else None
 
     def due(self, step: int) -> bool:
         if self.phase == "factorized":
-            return step == self.inflate_step if not self.args.auto_inflate else step % self.args.check_every == 0
-        return self.phase == "dense" and step == self.deflate_step
+            return step % self.args.check_every == 0 if self.args.auto_inflate else step >= self.inflate_step
+        return self.phase == "dense" and step >= self.deflate_step
 
     def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
         if not self.due(step):
             return None
         a = self.args
-        if self.phase == "factorized" and a.auto_inflate:
-            metric = self.collapse(layers)
-            if metric is None:
-                return None
-            self.metric_history.append([step, metric])
-            if metric >= a.collapse_threshold:
-                return None
-            self.inflate_step = step
-            self.deflate_step = min(self.context.max_steps, step + max(1, self.fraction_to_step(a.auto_dense_steps, "auto_dense_steps")))
         if self.phase == "factorized":
+            if a.auto_inflate:
+                value = self.collapse(layers)
+                if value is None:
+                    return None
+                self.metric_history.append([step, value])
+                if not self.metric.collapsed(value, self.threshold):
+                    return None
+                length = max(1, self.fraction_to_step(a.dense_steps_after_auto, "dense_steps_after_auto"))
+                self.inflate_step, self.deflate_step = step, min(self.context.max_steps, step + length)
+                why = f"{a.collapse_metric}={value:.3g} crossed {self.threshold:g}"
+            else:
+                why = f"inflate_at={a.inflate_at!r}"
             self.phase = "dense"
-            return Plan([LayerChange(n, "to_dense") for n in layers], reason=f"dynamic: inflate to dense at step {step}")
+            changes = [LayerChange(name, "to_dense") for name, layer in layers.items() if layer.mode != "dense"]
+            return Plan(changes, reason=f"dynamic: inflate to dense at step {step} ({why})")
         self.phase = "residual"
         changes = []
         for name, layer in layers.items():
-            r = self._rank(a.adapter_rank if a.adapter_rank is not None else a.rank, name, layer)
+            field = "rank" if a.adapter_rank is None else "adapter_rank"
+            r = self._rank(getattr(a, field), field, name, layer)
             changes.append(LayerChange(name, "to_residual", rank=r, capacity=r, alpha=a.alpha))
         return Plan(changes, reason=f"dynamic: deflate to frozen base + adapter at step {step}")
 
@@ -178,7 +224,7 @@ class DynamicRank(RankStrategy):
             "phase": self.phase,
             "inflate_step": self.inflate_step,
             "deflate_step": self.deflate_step,
-            "metric_history": self.metric_history,
+            "metric_history": [list(x) for x in self.metric_history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -90,8 +90,9 @@ class InRank(RankStrategy):
         self.frozen = False
 
     def _sizes(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
+        """(capacity, buffer) of a layer: the allocated one if it has factors, else from the settings."""
         c = self.config
-        capacity = resolve_size(
+        capacity = layer.capacity or resolve_size(
             c.capacity if c.capacity is not None else self.args.default_capacity,
             layer.in_features, layer.out_features, "capacity", name,
         )
@@ -130,16 +131,17 @@ class InRank(RankStrategy):
             )
         changes = []
         for name, layer in layers.items():
-            if name not in self.ranks:
+            if name not in self.ranks:  # a layer InRank did not lay out (loaded, or imported from PEFT)
+                _, buffer = self._sizes(name, layer)
+                self.buffers[name] = min(buffer, layer.capacity - layer.rank)
                 self.ranks[name] = layer.rank
-                self.buffers[name] = layer.capacity - layer.rank
             r, b, cap = self.ranks[name], self.buffers[name], layer.capacity
             s = self.singular_values(name, layer)
             if s is None:
                 continue
             new_r = max(r, min(first_rank_above(s, self.args.threshold, r, min(r + b, cap - b)), cap - b))
-            if new_r > r:
-                self.ranks[name] = new_r
+            self.ranks[name] = new_r
+            if min(new_r + b, cap) > layer.rank:
                 changes.append(LayerChange(name, "grow", rank=min(new_r + b, cap)))
         return Plan(changes, reason=f"InRank growth check at step {step}") if changes else None
 

@@ -12,16 +12,16 @@ from typing import Any, Union
 
 from ..config import resolve_size
 from ..layer import LayerSpec, LowRankLinear
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs
+from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
 
 
 @dataclass
 class WarmStartArgs(StrategyArgs):
-    """Warm-start settings."""
+    """Warm-start settings. The rank is ``LowRankConfig.rank`` (and ``capacity``)."""
 
-    dense_steps: Union[float, int] = 0.1  # fraction of training (float) or steps (int) trained dense; our choice
-    lr_factor: float = 0.5  # "go on with the learning rate halved" (the paper)
-    spectral_ones: bool = False  # split with singular values set to 1 instead of the balanced SVD
+    dense_steps: Union[float, int] = 0.1  # dense phase: fraction of training (float) or optimizer steps (int); the paper gives no number, our choice
+    lr_factor: float = 0.5  # learning-rate multiplier at the switch: "go on with the learning rate halved" (the paper)
+    spectral_ones: bool = False  # split with the singular values set to 1 (spectral-ones) instead of the balanced SVD
 
     def check(self) -> None:
         v = self.dense_steps
@@ -42,35 +42,46 @@ class WarmStart(RankStrategy):
 
     def __init__(self, config):
         super().__init__(config)
-        self.switched = False
+        self.switch_step: int | None = None  # set by bind
+        self.switched_at: int | None = None
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        self._sizes(name, layer)  # a rank the layer cannot take fails now, not at the switch
         return LayerSpec("dense")
 
-    def bind(self, context) -> None:
+    def _sizes(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
+        """Rank and capacity of ``layer`` after the switch, from ``LowRankConfig.rank`` / ``capacity``."""
+        c = self.config
+        rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
+        capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
+        if capacity < rank:
+            raise ValueError(
+                f"LowRankConfig.capacity resolves to {capacity} < rank {rank} for layer {name!r}; raise capacity."
+            )
+        return rank, capacity
+
+    def bind(self, context: TrainContext) -> None:
         super().bind(context)
         self.switch_step = self.fraction_to_step(self.args.dense_steps, "dense_steps")
 
     def due(self, step: int) -> bool:
-        return not self.switched and step >= self.switch_step
+        return self.switched_at is None and step >= self.switch_step
 
     def step(self, step: int, layers: dict[str, LowRankLinear]) -> Plan | None:
         if not self.due(step):
             return None
-        self.switched = True
-        c = self.config
+        self.switched_at = step
         changes = []
         for name, layer in layers.items():
-            rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
-            capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
+            rank, capacity = self._sizes(name, layer)
             changes.append(LayerChange(name, "to_factorized", rank=rank, capacity=capacity, ones=self.args.spectral_ones))
         return Plan(changes, lr_factor=self.args.lr_factor, reason=f"warm start: dense -> factorized at step {step}")
 
     def is_final(self) -> bool:
-        return self.switched
+        return self.switched_at is not None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"switched": self.switched}
+        return {"switched_at": self.switched_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.switched = bool(state["switched"])
+        self.switched_at = state["switched_at"]
