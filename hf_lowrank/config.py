@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,35 @@ def _check_size(name: str, value: Any, allow_none: bool = False) -> None:
             f"LowRankConfig.{name}={value!r} is not allowed; give a positive int (absolute rank) or a float "
             f"in (0, 1] (fraction of min(in_features, out_features)){extra}."
         )
+
+
+def _is_number(value: Any, minimum: float, inclusive: bool = False) -> bool:
+    """A finite int or float (not a bool) above ``minimum`` (or equal, when ``inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value >= minimum if inclusive else value > minimum
+
+
+SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
+
+
+def _rank_pattern_problem(pattern: Any) -> str | None:
+    """What is wrong with a rank pattern's form, or None; sizes are checked against each layer on loading."""
+    if not isinstance(pattern, dict):
+        return "it is not a dict"
+    for name, spec in pattern.items():
+        if not isinstance(name, str) or not isinstance(spec, dict):
+            return f"entry {name!r} is not a layer name mapped to a dict"
+        if set(spec) - set(SPEC_KEYS):
+            return f"entry {name!r} has unknown key(s) {sorted(set(spec) - set(SPEC_KEYS))}"
+        if spec.get("mode") not in MODES:
+            return f"entry {name!r} has mode {spec.get('mode')!r}, not one of {MODES}"
+        sizes = [spec.get("rank"), spec.get("capacity")]
+        if spec["mode"] != "dense" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+            return f"entry {name!r} needs int rank and capacity >= 1, not {sizes}"
+        if "scaling" in spec and not _is_number(spec["scaling"], 0.0):
+            return f"entry {name!r} has scaling {spec['scaling']!r}, not a positive number"
+    return None
 
 
 def resolve_size(value: int | float, in_features: int, out_features: int, name: str = "rank", layer: str = "") -> int:
@@ -124,6 +154,13 @@ class LowRankConfig:
             "are removed from plain weight decay."
         },
     )
+    factor_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning-rate multiplier for the factors A and B. Adam moves each factor entry by about the "
+            "learning rate, so W = B A moves less than a dense W would; values > 1 compensate (see docs/trainer.md)."
+        },
+    )
     rank_pattern: dict[str, dict[str, Any]] = field(
         default_factory=dict,
         metadata={
@@ -140,7 +177,7 @@ class LowRankConfig:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
-                value = sorted(value)
+                value = sorted(value, key=str)
                 setattr(self, name, value)
             if value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, str) and v for v in value)
@@ -154,7 +191,7 @@ class LowRankConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("residual_base", self.residual_base, RESIDUAL_BASES)
         _check_choice("init", self.init, INITS)
-        if not (isinstance(self.init_scale, (int, float)) and self.init_scale > 0):
+        if not _is_number(self.init_scale, 0.0):
             raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a positive number.")
         _check_size("rank", self.rank)
         _check_size("capacity", self.capacity, allow_none=True)
@@ -166,17 +203,31 @@ class LowRankConfig:
             raise ValueError(
                 f"LowRankConfig.capacity={self.capacity!r} is smaller than rank={self.rank!r}; capacity must be >= rank."
             )
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+        if self.alpha is not None and not _is_number(self.alpha, 0.0):
             raise ValueError(f"LowRankConfig.alpha={self.alpha!r} is not allowed; give a positive number or None.")
-        if not (isinstance(self.frobenius_decay, (int, float)) and self.frobenius_decay >= 0):
+        if not _is_number(self.frobenius_decay, 0.0, inclusive=True):
             raise ValueError(
                 f"LowRankConfig.frobenius_decay={self.frobenius_decay!r} is not allowed; give a number >= 0."
             )
-        if not isinstance(self.strategy_args, dict):
-            raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict.")
-        from .strategies import strategy_class
+        if not _is_number(self.factor_lr_scale, 0.0):
+            raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
+        if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
+            raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
+        from .strategies import REGISTRY, strategy_class
 
+        if not isinstance(self.strategy, str):  # strategy_class looks it up in a dict: a list would be a TypeError
+            raise ValueError(f"LowRankConfig.strategy={self.strategy!r} is not allowed; choose one of {sorted(REGISTRY)}.")
         strategy_class(self.strategy).Args.from_dict(self.strategy_args)  # validates names and values
+        problem = _rank_pattern_problem(self.rank_pattern)
+        if problem:
+            raise ValueError(
+                f"LowRankConfig.rank_pattern is not allowed: {problem}. It maps layer names to {{mode, rank, "
+                "capacity, scaling}} and is written by save_pretrained; leave it empty for a new model."
+            )
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(
+                f"LowRankConfig.base_model_name_or_path={self.base_model_name_or_path!r} is not allowed; give a str or None."
+            )
         _check_version(self.hf_lowrank_version, "LowRankConfig.hf_lowrank_version")
 
     @property
@@ -197,7 +248,12 @@ class LowRankConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown LowRankConfig field(s) {unknown}; known fields are {sorted(known)}.")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:
+            if source == "dict":
+                raise
+            raise ValueError(f"{source}: {e}") from e  # name the file a bad value came from
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``lowrank_config.json`` into ``save_directory`` (atomically)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -52,7 +53,10 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    return load_file(str(path), device=device)
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:  # truncated or not safetensors: its message does not name the file
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 @contextlib.contextmanager

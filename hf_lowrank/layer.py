@@ -121,9 +121,9 @@ class LowRankLinear(nn.Module):
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """The (out, in) matrix the layer applies, computed in float32."""
+        """The (out, in) matrix the layer applies, computed in float32 (always a new tensor)."""
         if self.mode == "dense":
-            return self.weight.float()
+            return self.weight.detach().to(torch.float32, copy=True)  # never the parameter itself
         B, A = self.active_factors()
         delta = B.float() @ A.float()
         return delta if self.mode == "factorized" else self.base_weight.float() + self.scaling * delta

@@ -345,17 +345,25 @@ class LowRankModel(nn.Module):
         if torch_dtype is not None:
             model = model.to(torch_dtype)
         config = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
-        wrapped = cls(model, config)
+        try:
+            wrapped = cls(model, config)
+        except ValueError as e:  # a rank pattern that does not fit the architecture
+            raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
         wrapped.load_weights(folder / WEIGHTS_NAME)
         if (folder / "generation_config.json").is_file() and model.can_generate():
             model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-        return wrapped
+        return wrapped.eval()  # as transformers' from_pretrained: no dropout until training calls train()
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any):
-        """Save (trimmed) with a generated model card and upload through huggingface_hub."""
+    def push_to_hub(self, repo_id: str, metrics: dict[str, Any] | None = None, **kwargs: Any):
+        """Upload to a Hub repo in one commit: the saved model (trimmed) and a generated README.md model card.
+
+        ``metrics`` (e.g. ``{"eval_loss": 3.2, "steps": 300}``) go into the card; without them a
+        ``training_summary.json`` in the folder the model was loaded from is used. ``kwargs``:
+        ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr``. See docs/hub.md.
+        """
         from .hub import push_model
 
-        return push_model(self, repo_id, **kwargs)
+        return push_model(self, repo_id, metrics=metrics, **kwargs)
 
 
 def get_lowrank_model(model: nn.Module, config: LowRankConfig | None = None) -> LowRankModel:

@@ -43,11 +43,16 @@ def factor_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _clean(s: torch.Tensor) -> torch.Tensor | None:
-    """Float32 spectrum, or None when it is empty, all zero or not finite."""
-    s = s.detach().float()
+    """Float32 spectrum scaled to a maximum of 1, or None when it is empty, all zero or not finite.
+
+    Every metric here is scale-invariant; scaling first keeps ``s**2`` and the variance from
+    overflowing or underflowing float32 (which gave NaN for spectra near 1e20 or 1e-20).
+    """
+    s = s.detach()
+    s = s if s.dtype == torch.float64 else s.float()
     if s.numel() == 0 or not bool(torch.isfinite(s).all()) or float(s.max()) <= 0.0:
         return None
-    return s
+    return (s / s.max()).float()
 
 
 def stable_rank(s: torch.Tensor) -> int:
@@ -71,7 +76,9 @@ def explained_ratio(s: torch.Tensor, k: int) -> float:
     """InRank's ``rho(k) = 1 - Var(s with the top k set to 0) / Var(s)`` (unbiased variance).
 
     A flat spectrum (``Var(s) = 0``) explains nothing with fewer than all its entries, so the
-    ratio is 0.0 for ``k < len(s)`` and 1.0 at ``k = len(s)``, never NaN.
+    ratio is 0.0 for ``k < len(s)`` and 1.0 at ``k = len(s)``, never NaN. The formula goes
+    negative when zeroing the top entries spreads the rest more than the whole (nearly flat
+    spectra); it is clamped to 0.0, which changes no ``rho(k) > alpha`` test with ``alpha >= 0``.
     """
     s = _clean(s)
     if s is None:
@@ -84,7 +91,7 @@ def explained_ratio(s: torch.Tensor, k: int) -> float:
         return 1.0 if k >= s.numel() else 0.0
     rest = s.clone()
     rest[:k] = 0
-    return 1.0 - float(rest.var(unbiased=True)) / total
+    return max(0.0, 1.0 - float(rest.var(unbiased=True)) / total)
 
 
 def effective_rank(s: torch.Tensor) -> float:

@@ -11,6 +11,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+# The models here are a few thousand parameters: one thread is faster than two, and much faster
+# when other processes share the cores (intra-op threads then spin waiting for each other).
+torch.set_num_threads(1)
+
 VOCAB = 96
 
 
@@ -56,7 +60,17 @@ def _neox():
     )
 
 
+# The one list of families every matrix runs over: name -> builder.
 FAMILIES = {"gpt2": _gpt2, "llama": _llama, "bert": _bert, "opt": _opt, "gpt_neox": _neox}
+# The Auto class that reloads a saved model of each family.
+AUTO_CLASSES = {
+    "gpt2": transformers.AutoModelForCausalLM,
+    "llama": transformers.AutoModelForCausalLM,
+    "bert": transformers.AutoModelForMaskedLM,
+    "opt": transformers.AutoModelForCausalLM,
+    "gpt_neox": transformers.AutoModelForCausalLM,
+}
+GENERATIVE = [f for f in FAMILIES if f != "bert"]  # BERT's masked-LM head does not generate
 
 
 def build(family: str):
@@ -66,7 +80,23 @@ def build(family: str):
 
 
 def sample_ids(batch: int = 2, length: int = 12) -> torch.Tensor:
+    """Deterministic token ids in ``[2, VOCAB)`` (clear of the special ids 0 and 1)."""
     return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids):
+    """The model's logits for ``ids``, without gradients."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def randomize_adapters(model, seed: int = 2):
+    """Give residual adapters non-zero active factors so transitions have something to preserve."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.lowrank_layers().values():
+            if layer.mode == "residual":
+                layer.B[:, : layer.rank] = torch.randn(layer.out_features, layer.rank, generator=g) * 0.05
 
 
 @pytest.fixture(params=sorted(FAMILIES))
