@@ -15,5 +15,7 @@ class Accuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        predictions, references = np.asarray(predictions), np.asarray(references)
-        return {"accuracy": float((predictions == references).mean()) if len(references) else 0.0}
+        p, r = np.asarray(predictions), np.asarray(references)
+        if r.size == 0:
+            raise ValueError("accuracy needs at least one prediction.")
+        return {"accuracy": float((p == r).mean())}
