@@ -15,18 +15,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success fsync it and rename it onto ``path``.
+
+    On an error the temporary file is removed, so a failed write leaves neither a partial
+    file under ``path`` nor a stray temporary one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    _fsync_replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    with _replacing(Path(path)) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -42,10 +52,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors (made contiguous, shared storage split) atomically as safetensors."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _fsync_replace(tmp, path)
+    with _replacing(Path(path)) as tmp:
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

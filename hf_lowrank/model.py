@@ -17,7 +17,7 @@ from torch import nn
 from .config import CONFIG_NAME, LowRankConfig
 from .files import atomic_directory, read_json, read_safetensors, write_safetensors
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import Plan, RankStrategy, strategy_class
+from .strategies import LayerChange, Plan, RankStrategy, strategy_class
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -164,21 +164,34 @@ class LowRankModel(nn.Module):
         for name, spec in pattern.items():
             layers[name].set_layout(LayerSpec(**spec))
 
-    def apply_plan(self, plan: Plan) -> None:
-        """Carry out a strategy's plan on the layers (optimizer state is the trainer's business)."""
+    def apply_plan(self, plan: Plan) -> list[str]:
+        """Carry out a strategy's plan on the layers (optimizer state is the trainer's business).
+
+        A transition whose SVD fails (``torch.linalg.LinAlgError``, e.g. non-finite factors)
+        leaves its layer as it was: the SVD comes before any parameter is replaced. The other
+        changes still apply; the skipped ones are returned as messages for the caller to warn.
+        """
         layers = self.lowrank_layers()
+        skipped = []
         for change in plan.changes:
-            layer = layers[change.layer]
-            if change.op == "grow":
-                layer.grow(change.rank)
-            elif change.op == "truncate":
-                layer.truncate(change.rank, change.capacity)
-            elif change.op == "to_factorized":
-                layer.to_factorized(change.rank, change.capacity, ones=change.ones)
-            elif change.op == "to_dense":
-                layer.to_dense()
-            else:
-                layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
+            try:
+                self._apply_change(layers[change.layer], change)
+            except torch.linalg.LinAlgError as e:
+                skipped.append(f"{change.op} of {change.layer} skipped: its SVD failed ({e}); the layer is left as it was.")
+        return skipped
+
+    @staticmethod
+    def _apply_change(layer: LowRankLinear, change: LayerChange) -> None:
+        if change.op == "grow":
+            layer.grow(change.rank)
+        elif change.op == "truncate":
+            layer.truncate(change.rank, change.capacity)
+        elif change.op == "to_factorized":
+            layer.to_factorized(change.rank, change.capacity, ones=change.ones)
+        elif change.op == "to_dense":
+            layer.to_dense()
+        else:
+            layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters of the whole model (shared tensors counted once)."""

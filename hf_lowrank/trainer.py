@@ -99,10 +99,25 @@ class LowRankTrainer(Trainer):
         return names
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the factors of each group split into a group of their own.
+
+        Factor groups carry ``lowrank_factors=True`` and the learning rate times
+        ``LowRankConfig.factor_lr_scale``. The split is made even at scale 1, so that the group
+        structure (and with it a checkpoint's optimizer state) never depends on the setting.
+        """
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        if fresh and self.model.lowrank_config.frobenius_decay > 0:
-            optimizer.register_step_pre_hook(self._frobenius_decay)
+        if fresh:
+            factors = {id(layer.A) for layer in self.model.lowrank_layers().values() if layer.A is not None}
+            factors |= {id(layer.B) for layer in self.model.lowrank_layers().values() if layer.B is not None}
+            scale = self.model.lowrank_config.factor_lr_scale
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in factors]
+                group["params"] = [p for p in group["params"] if id(p) not in factors]
+                extra = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group({**extra, "params": moved, "lr": group["lr"] * scale, "lowrank_factors": True})
+            if self.model.lowrank_config.frobenius_decay > 0:
+                optimizer.register_step_pre_hook(self._frobenius_decay)
         return optimizer
 
     @torch.no_grad()
@@ -140,8 +155,11 @@ class LowRankTrainer(Trainer):
         wd = self.args.weight_decay
 
         def group_for_new(name: str) -> int:
-            want = wd if name in decay else 0.0
-            return next((i for i, g in enumerate(opt.param_groups) if g.get("weight_decay", 0.0) == want), 0)
+            want = (wd if name in decay else 0.0, name.rpartition(".")[2] in ("A", "B"))
+            return next(
+                (i for i, g in enumerate(opt.param_groups) if (g.get("weight_decay", 0.0), g.get("lowrank_factors", False)) == want),
+                0,
+            )
 
         lists: list[list[nn.Parameter]] = [[] for _ in opt.param_groups]
         for name, p in self.model.named_parameters():
@@ -241,7 +259,8 @@ class LowRankTrainer(Trainer):
     def apply_plan(self, plan: Plan, step: int) -> None:
         """Apply a plan to the model and bring optimizer, schedule and wrappers in step."""
         before = dict(self.model.named_parameters())
-        self.model.apply_plan(plan)
+        for message in self.model.apply_plan(plan):
+            self._warn(message)
         after = dict(self.model.named_parameters())
         shapes_changed = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
         if shapes_changed and self.optimizer is not None:

@@ -1,62 +1,87 @@
-"""The matrix: model families x starting modes x transitions; save/load; merge; parameter counts."""
+"""The matrix: model families x starting modes x transitions; save/load; merge; parameter counts; targets."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import transformers
-from conftest import FAMILIES, build, sample_ids
+from conftest import AUTO_CLASSES, FAMILIES, GENERATIVE, build, logits, randomize_adapters, sample_ids
 
 from hf_lowrank import LowRankConfig, LowRankLinear, LowRankModel, get_lowrank_model
 
 ATOL = 1e-5
 
+# -- starting points --------------------------------------------------------------------------
+#
+# dense:          every target layer wrapped, still dense (the plain model's function)
+# factorized:     dense layers split by SVD at full rank, to_factorized (the plain model's function)
+# factorized_cap: factorized from the config, Kaiming factors at rank 4 within capacity 8
+# residual:       W0 = the model's weight, adapters at rank 4 within capacity 8, s = 2, B randomised
+# mixed:          the layers cycle through dense, factorized at full rank, rank 4 of 8, and residual
 
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def randomize_adapters(model):
-    """Give residual adapters non-zero active factors so transitions have something to preserve."""
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for layer in model.lowrank_layers().values():
-            if layer.mode == "residual":
-                layer.B[:, : layer.rank] = torch.randn(layer.out_features, layer.rank, generator=g) * 0.05
+STARTS = ["dense", "factorized", "factorized_cap", "residual", "mixed"]
 
 
 def start(family: str, mode: str) -> LowRankModel:
-    """A wrapped tiny model whose layers start in ``mode`` (factorized: rank 4 within capacity 8)."""
+    """A wrapped tiny model of ``family`` whose layers start as ``mode`` describes."""
     config = {
-        "dense": LowRankConfig(mode="dense"),
-        "factorized": LowRankConfig(mode="factorized", rank=4, capacity=8),
+        "factorized_cap": LowRankConfig(mode="factorized", rank=4, capacity=8),
         "residual": LowRankConfig(mode="residual", rank=4, capacity=8, alpha=8.0),
-    }[mode]
+    }.get(mode, LowRankConfig(mode="dense"))
     model = get_lowrank_model(build(family), config).eval()
+    layers = list(model.lowrank_layers().values())
+    if mode == "factorized":
+        for layer in layers:
+            layer.to_factorized(layer.full_rank)
+    elif mode == "mixed":
+        for i, layer in enumerate(layers):
+            if i % 4 == 1:
+                layer.to_factorized(layer.full_rank)
+            elif i % 4 == 2:
+                layer.to_factorized(4, 8)
+            elif i % 4 == 3:
+                layer.to_residual(4, 8, alpha=8.0)
+        assert {layer.mode for layer in layers} == {"dense", "factorized", "residual"}
     randomize_adapters(model)
     return model
 
 
-EXACT = {
-    "dense": ["to_factorized_full", "to_residual"],
-    "factorized": ["grow", "to_dense", "to_residual", "to_factorized_same"],
-    "residual": ["grow", "to_dense", "to_factorized_full"],
-}
-CASES = [(mode, t) for mode, ts in EXACT.items() for t in ts]
+def test_starts_keep_the_plain_function(family):
+    """Wrapping (dense, residual with B = 0) and the SVD split at full rank change nothing."""
+    ids = sample_ids()
+    reference = logits(build(family), ids)
+    for mode in ("dense", "factorized"):
+        torch.testing.assert_close(logits(start(family, mode), ids), reference, atol=ATOL, rtol=0)
+    fresh = get_lowrank_model(build(family), LowRankConfig(mode="residual", rank=4)).eval()
+    torch.testing.assert_close(logits(fresh, ids), reference, atol=ATOL, rtol=0)
+
+
+# -- exact transitions ------------------------------------------------------------------------
 
 
 def transition(layer: LowRankLinear, name: str) -> None:
     if name == "to_factorized_full":
         layer.to_factorized(layer.full_rank)
-    elif name == "to_factorized_same":
+    elif name == "to_factorized_same":  # re-split at the current rank, which covers B A's spectrum
         layer.to_factorized(layer.rank, capacity=layer.capacity)
+    elif name == "truncate_same":
+        layer.truncate(layer.rank, capacity=layer.capacity)
     elif name == "to_residual":
-        layer.to_residual(4, 8, alpha=8.0)
+        layer.to_residual(min(4, layer.full_rank), min(8, layer.full_rank), alpha=8.0)
     elif name == "grow":
         layer.grow(layer.capacity)
     else:
         getattr(layer, name)()
+
+
+EXACT = {
+    "dense": ["to_factorized_full", "to_residual", "to_dense"],
+    "factorized": ["to_dense", "to_residual", "to_factorized_same", "truncate_same", "grow"],
+    "factorized_cap": ["grow", "to_dense", "to_residual", "to_factorized_same", "truncate_same", "to_factorized_full"],
+    "residual": ["grow", "to_dense", "to_residual", "to_factorized_full", "truncate_same"],
+}
+CASES = [(mode, t) for mode, ts in EXACT.items() for t in ts]
 
 
 @pytest.mark.parametrize("mode,name", CASES, ids=[f"{m}-{t}" for m, t in CASES])
@@ -69,132 +94,350 @@ def test_exact_transitions_keep_the_function(family, mode, name):
     torch.testing.assert_close(logits(model, ids), reference, atol=ATOL, rtol=0)
 
 
-def test_truncate_is_best_approximation(family):
+CHAIN = ["to_factorized_full", "to_residual", "grow", "to_dense", "to_residual", "truncate_same", "to_factorized_full", "to_dense"]
+
+
+def test_chain_of_transitions_keeps_the_function(family):
+    """One model through every kind of exact move in turn, checked after each; adapters made non-zero on the way."""
+    model = start(family, "dense")
+    ids = sample_ids()
+    reference = logits(build(family), ids)
+    for name in CHAIN:
+        for layer in model.lowrank_layers().values():
+            transition(layer, name)
+        torch.testing.assert_close(logits(model, ids), reference, atol=ATOL, rtol=0, msg=lambda m: f"after {name}: {m}")
+        if name == "to_residual":
+            randomize_adapters(model)
+            reference = logits(model, ids)
+    assert all(layer.mode == "dense" for layer in model.lowrank_layers().values())
+
+
+def test_truncate_is_the_best_approximation(family):
     model = start(family, "factorized")
-    layer = next(iter(model.lowrank_layers().values()))
-    before = layer.dense_weight()
-    layer.truncate(2)
-    s = torch.linalg.svdvals(before)
-    err = torch.linalg.matrix_norm(layer.dense_weight() - before)
-    assert err == pytest.approx(float(s[2:].pow(2).sum().sqrt()), rel=1e-4, abs=1e-6)
-    assert layer.capacity == layer.rank == 2
+    for layer in list(model.lowrank_layers().values())[:3]:
+        before = layer.dense_weight()
+        layer.truncate(2)
+        s = torch.linalg.svdvals(before)
+        err = torch.linalg.matrix_norm(layer.dense_weight() - before)
+        assert float(err) == pytest.approx(float(s[2:].pow(2).sum().sqrt()), rel=1e-4, abs=1e-6)
+        assert layer.capacity == layer.rank == 2
 
 
-@pytest.mark.parametrize("mode", sorted(EXACT))
+# -- save and load ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["factorized_cap", "residual", "mixed"])
 @pytest.mark.parametrize("trim", [True, False])
 def test_save_load_round_trip(family, mode, trim, tmp_path):
     model = start(family, mode)
     ids = sample_ids()
     reference = logits(model, ids)
     model.save_pretrained(tmp_path, trim=trim)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["config.json", "lowrank_config.json", "model.safetensors"] + (["generation_config.json"] if family in GENERATIVE else [])
+    )
     saved = json.loads((tmp_path / "lowrank_config.json").read_text())["rank_pattern"]
     assert saved == model.rank_pattern(trim=trim)
-    loaded = LowRankModel.from_pretrained(tmp_path).eval()
+    loaded = LowRankModel.from_pretrained(tmp_path)
+    assert not loaded.training, "loaded for inference, as transformers' from_pretrained"
     torch.testing.assert_close(logits(loaded, ids), reference, atol=ATOL, rtol=0)
     assert loaded.rank_pattern() == model.rank_pattern(trim=trim)
+    if trim:
+        assert all(spec["capacity"] == spec["rank"] for spec in loaded.rank_pattern().values())
+    elif mode != "mixed":
+        assert all(spec["capacity"] == 8 for spec in loaded.rank_pattern().values())
+    frozen = lambda m: sorted(n for n, p in m.named_parameters() if not p.requires_grad)  # noqa: E731
+    assert frozen(loaded) == frozen(model), "residual bases and their biases stay frozen"
 
 
-@pytest.mark.parametrize("mode", sorted(EXACT))
-def test_merge_and_unload(family, mode, tmp_path):
-    model = start(family, mode)
+def test_save_round_trip_of_a_wrapped_checkpoint_twice(tmp_path):
+    """Loading, saving again into the same folder and loading again changes nothing."""
+    model = start("gpt2", "mixed")
     ids = sample_ids()
     reference = logits(model, ids)
-    types = {type(m) for m in build(family).modules()}
+    model.save_pretrained(tmp_path / "m", trim=False)
+    (tmp_path / "m" / "trainer_state.json").write_text("{}")  # a file someone else wrote there survives
+    LowRankModel.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "m", trim=False)
+    assert (tmp_path / "m" / "trainer_state.json").is_file()
+    torch.testing.assert_close(logits(LowRankModel.from_pretrained(tmp_path / "m"), ids), reference, atol=ATOL, rtol=0)
+
+
+# -- merge ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dense", "factorized_cap", "residual", "mixed"])
+def test_merge_and_unload(family, mode, tmp_path):
+    model = start(family, mode)
+    plain = build(family)
+    ids = sample_ids()
+    reference = logits(model, ids)
     merged = model.merge_and_unload()
+    assert type(merged) is type(plain)
     assert not any(isinstance(m, LowRankLinear) for m in merged.modules())
-    assert {type(m) for m in merged.modules()} == types
+    assert [(n, type(m)) for n, m in merged.named_modules()] == [(n, type(m)) for n, m in plain.named_modules()]
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert all(p.requires_grad for p in merged.parameters())
     torch.testing.assert_close(logits(merged, ids), reference, atol=ATOL, rtol=0)
     merged.save_pretrained(tmp_path)
-    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
-    torch.testing.assert_close(logits(auto.from_pretrained(tmp_path).eval(), ids), reference, atol=ATOL, rtol=0)
+    reloaded = AUTO_CLASSES[family].from_pretrained(tmp_path)
+    assert type(reloaded) is type(plain)
+    torch.testing.assert_close(logits(reloaded, ids), reference, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("mode", sorted(EXACT))
+def test_merge_of_a_reloaded_model(family, tmp_path):
+    model = start(family, "residual")
+    ids = sample_ids()
+    reference = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    merged = LowRankModel.from_pretrained(tmp_path).merge_and_unload()
+    torch.testing.assert_close(logits(merged, ids), reference, atol=ATOL, rtol=0)
+
+
+# -- parameter counts -------------------------------------------------------------------------
+
+
+def layer_formula(layer: LowRankLinear, bias: int) -> tuple[int, int]:
+    """(trainable, total) of one layer from its mode and sizes."""
+    i, o = layer.in_features, layer.out_features
+    if layer.mode == "dense":
+        return o * i + bias, o * i + bias
+    factors = layer.capacity * (i + o)
+    if layer.mode == "factorized":
+        return factors + bias, factors + bias
+    return factors, factors + o * i + bias
+
+
+@pytest.mark.parametrize("mode", ["dense", "factorized", "factorized_cap", "residual", "mixed"])
 def test_parameter_counts_follow_the_formula(family, mode):
     plain = build(family)
     model = start(family, mode)
-    unique = {id(p): p for p in plain.parameters()}
-    untouched = sum(p.numel() for p in unique.values())
-    expected_total = expected_trainable = 0
+    untouched = sum(p.numel() for p in {id(p): p for p in plain.parameters()}.values())
+    expected_trainable = expected_total = 0
     for name, layer in model.lowrank_layers().items():
         original = plain.get_submodule(name)
-        untouched -= original.weight.numel() + (original.bias.numel() if original.bias is not None else 0)
-        bias = original.bias.numel() if original.bias is not None else 0
-        i, o = layer.in_features, layer.out_features
-        if mode == "dense":
-            expected_total += o * i + bias
-            expected_trainable += o * i + bias
-        else:
-            expected_total += 8 * (i + o) + bias + (o * i if mode == "residual" else 0)
-            expected_trainable += 8 * (i + o) + (bias if mode == "factorized" else 0)
-    counts = model.parameter_counts()
-    assert counts["total"] == untouched + expected_total
-    assert counts["trainable"] == untouched + expected_trainable
+        bias = 0 if original.bias is None else original.bias.numel()
+        untouched -= original.weight.numel() + bias
+        trainable, total = layer_formula(layer, bias)
+        expected_trainable += trainable
+        expected_total += total
+    assert model.parameter_counts() == {"trainable": untouched + expected_trainable, "total": untouched + expected_total}
+    if mode == "factorized_cap":  # concretely: every layer holds 8 * (in + out) + bias
+        assert all(layer.capacity == 8 for layer in model.lowrank_layers().values())
+    report = model.layer_report()
+    assert [r["layer"] for r in report] == list(model.lowrank_layers())
+    assert "trainable params" in model.summary()
 
 
-@pytest.mark.parametrize("family", [f for f in sorted(FAMILIES) if f != "bert"])  # BERT's MLM head does not generate
+# -- target matching --------------------------------------------------------------------------
+
+
+def names(family: str, config: LowRankConfig) -> list[str]:
+    return sorted(get_lowrank_model(build(family), config).lowrank_layers())
+
+
+def test_targets_by_suffix_list_and_regex():
+    assert names("gpt2", LowRankConfig(target_modules=["c_fc"])) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert names("gpt2", LowRankConfig(target_modules=["mlp.c_proj"])) == [
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
+    ], "a dotted suffix: attention's c_proj is not an mlp.c_proj"
+    assert names("gpt2", LowRankConfig(target_modules=r".*\.1\.mlp\.c_proj")) == ["transformer.h.1.mlp.c_proj"]
+    assert names("llama", LowRankConfig(target_modules=["q_proj", "v_proj"])) == [
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
+
+
+@pytest.mark.parametrize(
+    "family,expected",
+    [("gpt2", 8), ("llama", 14), ("bert", 13), ("opt", 12), ("gpt_neox", 8)],
+)
+def test_all_linear_takes_every_linear_but_the_output_embedding(family, expected):
+    chosen = names(family, LowRankConfig(target_modules="all-linear"))
+    plain = build(family)
+    head = plain.get_output_embeddings()
+    head_name = next(n for n, m in plain.named_modules() if m is head)
+    assert head_name not in chosen
+    assert len(chosen) == expected
+    linear = [n for n, m in plain.named_modules() if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))]
+    assert sorted(set(linear) - set(chosen)) == [head_name]
+
+
+def test_all_linear_skips_classification_heads():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=3)
+    model = get_lowrank_model(transformers.BertForSequenceClassification(cfg), LowRankConfig(target_modules="all-linear"))
+    chosen = model.lowrank_layers()
+    assert not any(n.startswith("classifier") for n in chosen) and "bert.pooler.dense" in chosen
+    torch.manual_seed(0)
+    gcfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=96, n_positions=32, num_labels=2, pad_token_id=0)
+    gpt = get_lowrank_model(transformers.GPT2ForSequenceClassification(gcfg), LowRankConfig(target_modules="all-linear"))
+    assert "score" not in gpt.lowrank_layers() and len(gpt.lowrank_layers()) == 4
+
+
+def test_exclude_modules():
+    everything = names("gpt2", LowRankConfig())
+    without = names("gpt2", LowRankConfig(exclude_modules=["c_attn"]))
+    assert sorted(set(everything) - set(without)) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    regex = names("gpt2", LowRankConfig(target_modules=["c_fc", "c_proj"], exclude_modules=r".*attn.*"))
+    assert regex == [f"transformer.h.{i}.mlp.{p}" for i in (0, 1) for p in ("c_fc", "c_proj")]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LowRankConfig(target_modules=["nope"]),
+        LowRankConfig(target_modules=r"nothing\..*"),
+        LowRankConfig(target_modules=["c_fc"], exclude_modules=["c_fc"]),
+        LowRankConfig(target_modules=["wte"]),  # an embedding, not a linear layer
+    ],
+)
+def test_matching_nothing_names_target_modules(config):
+    with pytest.raises(ValueError, match=r"LowRankConfig\.target_modules=.*matches no nn\.Linear / Conv1D.*c_fc"):
+        names("gpt2", config)
+
+
+def test_a_tied_output_embedding_is_refused_and_an_untied_one_wrapped(family):
+    plain = build(family)
+    head = plain.get_output_embeddings()
+    head_name = next(n for n, m in plain.named_modules() if m is head)
+    tied = head.weight is plain.get_input_embeddings().weight
+    assert tied == (family in ("gpt2", "bert", "opt")), "the tiny configs cover both cases"
+    config = LowRankConfig(target_modules=[head_name], rank=4)
+    if tied:
+        with pytest.raises(ValueError, match=rf"{head_name}.*tied weights.*exclude_modules"):
+            names(family, config)
+    else:
+        assert names(family, config) == [head_name]
+
+
+def test_ranks_larger_than_a_layer_are_refused():
+    with pytest.raises(ValueError, match="rank=64 is larger than min.*=32"):
+        get_lowrank_model(build("gpt2"), LowRankConfig(rank=64))
+    with pytest.raises(ValueError, match="capacity=40 is larger"):
+        get_lowrank_model(build("gpt2"), LowRankConfig(rank=4, capacity=40))
+
+
+def test_fraction_ranks_resolve_per_layer():
+    model = get_lowrank_model(build("gpt2"), LowRankConfig(rank=0.25, capacity=0.5))
+    for layer in model.lowrank_layers().values():
+        assert layer.rank == round(0.25 * layer.full_rank) and layer.capacity == round(0.5 * layer.full_rank)
+
+
+def test_wrapping_twice_is_refused():
+    model = get_lowrank_model(build("gpt2"))
+    with pytest.raises(ValueError, match="already a LowRankModel"):
+        get_lowrank_model(model)
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", GENERATIVE)
 def test_generate_without_merging(family):
     model = start(family, "residual")
     ids = sample_ids(1, 4)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     out = model.generate(ids, **kwargs)
-    assert out.shape == (1, 9)
-    torch.testing.assert_close(model.merge_and_unload().generate(ids, **kwargs), out)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], ids)
+    torch.testing.assert_close(model.merge_and_unload().generate(ids, **kwargs), out, atol=0, rtol=0)
 
 
-def test_target_matching():
-    names = lambda cfg: sorted(get_lowrank_model(build("gpt2"), cfg).lowrank_layers())  # noqa: E731
-    assert names(LowRankConfig(target_modules=["c_fc"])) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
-    assert names(LowRankConfig(target_modules=r".*\.1\.mlp\.c_proj")) == ["transformer.h.1.mlp.c_proj"]
-    everything = names(LowRankConfig(target_modules="all-linear"))
-    assert len(everything) == 8 and "lm_head" not in everything
-    assert "transformer.h.0.attn.c_attn" not in names(LowRankConfig(exclude_modules=["c_attn"]))
-    with pytest.raises(ValueError, match="target_modules.*matches no"):
-        names(LowRankConfig(target_modules=["nope"]))
-    with pytest.raises(ValueError, match="tied weights"):
-        names(LowRankConfig(target_modules=["lm_head"]))
+# -- wrapping a model loaded from disk --------------------------------------------------------
 
 
-def test_all_linear_skips_classification_head():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_labels=3)
-    model = get_lowrank_model(transformers.BertForSequenceClassification(cfg), LowRankConfig(target_modules="all-linear"))
-    assert not any(n.startswith("classifier") for n in model.lowrank_layers())
-
-
-def test_rank_larger_than_layer_is_refused():
-    with pytest.raises(ValueError, match="rank=64 is larger than"):
-        get_lowrank_model(build("gpt2"), LowRankConfig(rank=64))
-
-
-def test_wraps_from_pretrained_model_exactly(tmp_path):
-    build("llama").save_pretrained(tmp_path)
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+def test_wraps_a_from_pretrained_model_exactly(family, tmp_path):
+    build(family).save_pretrained(tmp_path)
+    base = AUTO_CLASSES[family].from_pretrained(tmp_path)
     ids = sample_ids()
     reference = logits(base, ids)
     model = get_lowrank_model(base, LowRankConfig(mode="residual", rank=4))
     torch.testing.assert_close(logits(model, ids), reference, atol=0, rtol=0)
     assert model.lowrank_config.base_model_name_or_path == str(tmp_path)
+    assert all(layer.mode == "residual" for layer in model.lowrank_layers().values())
 
 
-def test_corrupt_checkpoints_fail_clearly(tmp_path):
-    model = start("gpt2", "factorized")
-    model.save_pretrained(tmp_path / "ok")
-    config_path = tmp_path / "ok" / "lowrank_config.json"
-    config = json.loads(config_path.read_text())
-    # the rank pattern disagrees with the tensors
-    config["rank_pattern"]["transformer.h.0.mlp.c_fc"]["rank"] = 3
-    config["rank_pattern"]["transformer.h.0.mlp.c_fc"]["capacity"] = 3
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model\.safetensors does not match the rank pattern.*c_fc"):
-        LowRankModel.from_pretrained(tmp_path / "ok")
-    config["hf_lowrank_version"] = "9.0.0"
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="incompatible hf_lowrank"):
-        LowRankModel.from_pretrained(tmp_path / "ok")
-    (tmp_path / "ok" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        LowRankModel.from_pretrained(tmp_path / "ok")
+# -- corrupt checkpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved factorized GPT-2 (Conv1D) and a function editing its lowrank_config.json."""
+    folder = tmp_path / "ok"
+    start("gpt2", "factorized_cap").save_pretrained(folder)
+    path = folder / "lowrank_config.json"
+    original = json.loads(path.read_text())
+
+    def edit(change):
+        config = json.loads(json.dumps(original))
+        change(config)
+        path.write_text(json.dumps(config))
+
+    return folder, edit
+
+
+def _set(config, layer, **values):
+    config["rank_pattern"][layer].update(values)
+
+
+def test_a_rank_pattern_that_disagrees_with_the_tensors(saved):
+    folder, edit = saved
+    edit(lambda c: _set(c, "transformer.h.0.mlp.c_fc", rank=3, capacity=3))
+    with pytest.raises(ValueError, match=r"ok/model\.safetensors does not match the rank pattern.*c_fc\.A"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.update(hf_lowrank_version="9.0.0"), "incompatible hf_lowrank"),
+        (lambda c: c.update(rank="big"), r"LowRankConfig\.rank="),
+        (lambda c: c.update(colour="red"), r"unknown LowRankConfig field\(s\) \['colour'\]"),
+        (lambda c: _set(c, "transformer.h.0.mlp.c_fc", mode="lowrank"), r"rank_pattern is not allowed.*mode 'lowrank'"),
+        (lambda c: _set(c, "transformer.h.0.mlp.c_fc", rank=100, capacity=100), "need 1 <= rank <= capacity"),
+        (lambda c: c["rank_pattern"].update({"transformer.h.9.mlp.c_fc": {"mode": "dense"}}), "another architecture"),
+    ],
+    ids=["version", "bad-field", "unknown-field", "unknown-mode", "rank-too-big", "unknown-layer"],
+)
+def test_a_bad_lowrank_config_names_the_file(saved, change, message):
+    folder, edit = saved
+    edit(change)
+    with pytest.raises(ValueError, match=rf"ok/lowrank_config\.json.*{message}"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_an_unreadable_lowrank_config_names_the_file(saved):
+    folder, _ = saved
+    (folder / "lowrank_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"ok/lowrank_config\.json: not valid JSON"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "lowrank_config.json", "config.json"])
+def test_a_missing_file_is_named(saved, missing):
+    folder, _ = saved
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"ok/{missing}: missing"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage"])
+def test_a_damaged_safetensors_file_names_the_file(saved, content):
+    folder, _ = saved
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"ok/model\.safetensors: not a readable safetensors file"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_weights_of_another_layout_are_refused(saved, tmp_path):
+    """A dense checkpoint's tensors under a factorized rank pattern: missing and unexpected keys are listed."""
+    folder, _ = saved
+    other = tmp_path / "dense"
+    start("gpt2", "dense").save_pretrained(other)
+    shutil.copy(other / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['transformer\.h\.0\.attn\.c_attn\.A'.*unexpected \['transformer\.h\.0\.attn\.c_attn\.weight'"):
+        LowRankModel.from_pretrained(folder)
 
 
 def test_families_cover_the_issue():
