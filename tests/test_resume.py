@@ -1,38 +1,130 @@
-"""Resuming a LowRankTrainer run continues the same run: ranks, strategy state and loss curve."""
+"""Resuming a LowRankTrainer run continues the same run; a rank change keeps what it promises.
+
+The runs are tests/helpers_train.py's InRank run: gradient accumulation 2, float32 (bf16 off),
+growth checks every 2 steps from step 2, stage 2 (truncation, a shape change) at step 8 of 16,
+a checkpoint every 4 steps.
+"""
 
 import pytest
 import torch
-from test_trainer import make_trainer
+from helpers_train import TokenDataset, build_trainer, run
+
+from hf_lowrank import LowRankConfig
+from hf_lowrank.strategies import LayerChange, Plan
+
+VARIANTS = {
+    "factorized": {"mode": "factorized"},  # InRank-Efficient, the authors' code
+    "residual": {"mode": "residual", "residual_base": "orthogonal"},  # the paper's W0 + B A over an orthogonal W0
+}
+STAGE2 = 8
 
 
-def step_losses(trainer):
-    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def uninterrupted(request, tmp_path_factory):
+    """One uninterrupted run per variant, shared by the resume points."""
+    out = tmp_path_factory.mktemp(f"full-{request.param}")
+    return request.param, out, run(out, lowrank=VARIANTS[request.param])
 
 
-@pytest.mark.parametrize("mode", ["factorized", "residual"])
-@pytest.mark.parametrize("resume_at", [8, 16])  # before and after InRank's stage 2 (step 12)
-def test_resume_continues_the_same_run(tmp_path, mode, resume_at):
-    common = dict(gradient_accumulation_steps=2, per_device_train_batch_size=4, logging_steps=1, save_strategy="steps", save_steps=8)
-    full = make_trainer(tmp_path / "a", {"mode": mode}, **common)
-    full.train()
-    resumed = make_trainer(tmp_path / "b", {"mode": mode}, **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "run" / f"checkpoint-{resume_at}"))
-    expected, got = step_losses(full), step_losses(resumed)
-    after = [s for s in expected if s > resume_at]
-    assert after and all(s in got for s in after)
-    torch.testing.assert_close([got[s] for s in after], [expected[s] for s in after], rtol=1e-4, atol=1e-5)
-    assert resumed.model.rank_pattern() == full.model.rank_pattern()
-    assert resumed.strategy.state_dict() == full.strategy.state_dict()
-    assert [h["step"] for h in resumed.plan_history] == [h["step"] for h in full.plan_history]
+def assert_same_run(resumed: dict, full: dict, after: int) -> None:
+    """Losses of every step after ``after``, final ranks, strategy state and plan steps agree."""
+    later = [s for s in full["losses"] if int(s) > after]
+    assert later and all(s in resumed["losses"] for s in later), (later, sorted(resumed["losses"]))
+    # The same float32 CPU computation in the same order: equal up to rounding.
+    torch.testing.assert_close(
+        [resumed["losses"][s] for s in later], [full["losses"][s] for s in later], rtol=1e-4, atol=1e-6
+    )
+    assert resumed["rank_pattern"] == full["rank_pattern"]
+    assert resumed["strategy_state"] == full["strategy_state"]
+    assert resumed["plan_steps"] == full["plan_steps"]
 
 
-def test_checkpoint_holds_the_rank_pattern_untrimmed(tmp_path):
-    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=8)
+@pytest.mark.parametrize("resume_at", [4, STAGE2, 12])  # growing; right after the truncation; frozen
+def test_resume_continues_the_same_run(uninterrupted, resume_at, tmp_path):
+    mode, full_dir, full = uninterrupted
+    assert any(s < STAGE2 for s in full["plan_steps"]) and STAGE2 in full["plan_steps"], "ranks grew, then stage 2"
+    checkpoint = full_dir / f"checkpoint-{resume_at}"
+    saved = LowRankConfig.from_pretrained(checkpoint).rank_pattern
+    if resume_at < STAGE2:
+        assert all(spec["capacity"] > spec["rank"] for spec in saved.values()), "capacity and buffer are kept"
+    else:
+        assert all(spec["capacity"] == spec["rank"] for spec in saved.values()), "saved after the truncation"
+    resumed = run(tmp_path, resume=str(checkpoint), lowrank=VARIANTS[mode])
+    assert_same_run(resumed, full, after=resume_at)
+
+
+def test_checkpoints_are_renamed_into_place(uninterrupted):
+    _, full_dir, _ = uninterrupted
+    assert sorted(p.name for p in full_dir.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (12, 16, 4, 8)]
+    assert not list(full_dir.glob(".*")), "no staging or temporary folder is left behind"
+    assert (full_dir / "checkpoint-4" / "lowrank_trainer_state.json").is_file()
+
+
+# -- what a rank change does to the function and to the optimizer ---------------------------
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A trainer after 4 optimizer steps (Adam moments exist) and no rank change yet."""
+    trainer = build_trainer(
+        tmp_path, {"strategy_args": {"warmup_steps": 1000, "stage2_at": None}}, max_steps=4, save_strategy="no"
+    )
     trainer.train()
-    from hf_lowrank import LowRankConfig
+    assert not trainer.plan_history
+    return trainer
 
-    ckpt = tmp_path / "run" / "checkpoint-8"
-    saved = LowRankConfig.from_pretrained(ckpt).rank_pattern
-    assert all(spec["capacity"] > spec["rank"] for spec in saved.values()), "buffer kept before stage 2"
-    assert (ckpt / "lowrank_trainer_state.json").is_file()
-    assert not list((tmp_path / "run").glob(".staging-*")), "staging folders are renamed away"
+
+def fixed_batch_loss(model) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**TokenDataset()[:8]).loss
+
+
+def moments(trainer) -> dict:
+    """``{parameter: (state dict, its tensors, their values)}`` of every parameter with optimizer state."""
+    opt = trainer._inner_optimizer()
+    return {p: (s, {k: v for k, v in s.items()}, {k: v.clone() for k, v in s.items()}) for p, s in opt.state.items()}
+
+
+def test_growth_keeps_the_loss_and_the_optimizer_state(trained):
+    layers = trained.model.lowrank_layers()
+    before_loss, before = fixed_batch_loss(trained.model), moments(trained)
+    params = dict(trained.model.named_parameters())
+    plan = Plan([LayerChange(n, "grow", rank=layer.rank + 3) for n, layer in layers.items()])
+    trained.apply_plan(plan, step=trained.state.global_step)
+    assert all(layer.rank == 9 < layer.capacity for layer in layers.values()), "r + b = 6, plus 3"
+
+    # Newly active components have B = 0: the function is the same up to summation order.
+    torch.testing.assert_close(fixed_batch_loss(trained.model), before_loss, rtol=1e-6, atol=1e-7)
+    assert all(p is params[n] for n, p in trained.model.named_parameters()), "growing replaces no parameter"
+    opt = trained._inner_optimizer()
+    assert set(opt.state) == set(before)
+    for p, (state, tensors, values) in before.items():
+        assert opt.state[p] is state and all(opt.state[p][k] is t for k, t in tensors.items()), "same tensors"
+        for k, v in values.items():
+            torch.testing.assert_close(opt.state[p][k], v, rtol=0, atol=0)
+
+
+def test_truncation_resets_only_the_truncated_factors(trained):
+    name = "transformer.h.0.mlp.c_fc"
+    layer = trained.model.lowrank_layers()[name]
+    old = {id(layer.A), id(layer.B)}
+    before = moments(trained)
+    untouched = [p for p in before if id(p) not in old]
+    trained.apply_plan(Plan([LayerChange(name, "truncate", rank=3)]), step=trained.state.global_step)
+
+    opt = trained._inner_optimizer()
+    assert layer.rank == layer.capacity == 3
+    assert not {id(p) for p in opt.state} & old, "the old factors' moments are dropped"
+    assert layer.A not in opt.state and layer.B not in opt.state, "the new factors start with no moments"
+    factor_group = next(g for g in opt.param_groups if any(p is layer.A for p in g["params"]))
+    assert factor_group.get("lowrank_factors") and any(p is layer.B for p in factor_group["params"])
+    for p in untouched:
+        assert opt.state[p] is before[p][0] and all(opt.state[p][k] is t for k, t in before[p][1].items())
+
+    # One more step: the truncated factors restart Adam's bias correction, the rest go on.
+    trained.model.train()
+    trained.model(**TokenDataset()[:8]).loss.backward()
+    opt.step()
+    assert int(opt.state[layer.A]["step"]) == int(opt.state[layer.B]["step"]) == 1
+    assert all(int(opt.state[p]["step"]) == 5 for p in untouched)
