@@ -10,8 +10,6 @@ from typing import Any, Iterator
 
 import torch
 import transformers
-from peft.tuners.tuners_utils import check_target_module_exists
-from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 from torch import nn
 
 from .config import CONFIG_NAME, LowRankConfig
@@ -24,6 +22,8 @@ WEIGHTS_NAME = "model.safetensors"
 
 def _all_linear(model: nn.Module) -> list[str]:
     """Every nn.Linear / Conv1D except the output embedding and a classification head."""
+    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
     skip: set[int] = set()
     if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
         skip.add(id(model.get_output_embeddings()))
@@ -36,6 +36,8 @@ def _all_linear(model: nn.Module) -> list[str]:
 
 def find_target_modules(model: nn.Module, config: LowRankConfig) -> list[str]:
     """Names of the modules ``config`` selects, matched with PEFT's ``check_target_module_exists``."""
+    from peft.tuners.tuners_utils import check_target_module_exists  # imported here: peft is slow to import
+
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model)

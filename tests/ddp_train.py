@@ -1,7 +1,10 @@
-"""A tiny InRank run for the distributed tests: `torchrun --nproc_per_node N tests/ddp_train.py OUT BATCH [RESUME]`.
+"""A tiny InRank run for the distributed and crash tests.
 
-Each process writes its rank pattern, strategy state and per-step losses to OUT/process-<rank>.json.
-"""
+    torchrun --nproc_per_node N tests/ddp_train.py OUT BATCH [RESUME]
+    python tests/ddp_train.py OUT BATCH [RESUME]
+
+Each process writes its rank pattern, strategy state, per-step losses and the model folders it
+saved to OUT/process-<rank>.json."""
 
 import json
 import os
@@ -26,9 +29,18 @@ def main(out: str, batch: int, resume: str | None) -> None:
     args = transformers.TrainingArguments(
         out, max_steps=16, per_device_train_batch_size=batch, learning_rate=3e-3, logging_steps=1,
         save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
-        lr_scheduler_type="linear", ddp_backend="gloo", ddp_find_unused_parameters=False,
+        lr_scheduler_type="linear", ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        ddp_find_unused_parameters=False,
     )
     trainer = LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
+    writes = []  # model folders this process wrote (checkpoints): process 0 only
+    save_pretrained = model.save_pretrained
+
+    def counting_save_pretrained(*a, **k):
+        writes.append(str(a[0] if a else k.get("save_directory")))
+        return save_pretrained(*a, **k)
+
+    model.save_pretrained = counting_save_pretrained
     trainer.train(resume_from_checkpoint=resume)
     rank = int(os.environ.get("RANK", "0"))
     record = {
@@ -37,6 +49,7 @@ def main(out: str, batch: int, resume: str | None) -> None:
         "strategy_state": trainer.strategy.state_dict(),
         "losses": {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e},
         "ddp": type(trainer.model_wrapped).__name__,
+        "writes": writes,
     }
     with open(os.path.join(out, f"process-{rank}.json"), "w") as f:
         json.dump(record, f)
