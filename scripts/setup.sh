@@ -12,7 +12,7 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q torch
   else
-    python -m pip install -q "torch==${HF_LOWRANK_TORCH_VERSION:-2.13.0}" \
+    python -m pip install -q --retries 1 --timeout 15 "torch==${HF_LOWRANK_TORCH_VERSION:-2.13.0}" \
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
