@@ -244,6 +244,8 @@ def test_metrics_are_scale_invariant(s, c):
         return  # out of float32 range entirely: a different (degenerate) spectrum
     if (s > 0).sum() != (scaled > 0).sum():
         return  # entries flushed to zero by the scaling
+    if bool(((scaled > 0) & (scaled < torch.finfo(torch.float32).tiny)).any()):
+        return  # subnormal after scaling: float32 no longer holds their ratios
     assert stable_rank(scaled) == stable_rank(s)
     assert effective_rank(scaled) == pytest.approx(effective_rank(s), rel=1e-4)
     for k in range(n + 1):
