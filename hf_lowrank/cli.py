@@ -1,4 +1,10 @@
-"""``hf-lowrank``: train | report | merge | inspect."""
+"""``hf-lowrank``: train | report | merge | inspect.
+
+Each verb is a plain function of a typed options dataclass; its ``--help`` is generated from
+the dataclass fields and their ``help`` metadata. ``train`` also takes every recipe option
+(``--max_steps 50``) and every LowRankConfig field (``--lowrank.rank 0.5``) as overrides of
+the YAML config, and strategy settings as ``--lowrank.strategy_args.<key> value``.
+"""
 
 from __future__ import annotations
 
@@ -6,87 +12,113 @@ import argparse
 import dataclasses
 import shutil
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from .config import LowRankConfig
+STRATEGY_ARGS_PREFIX = "--lowrank.strategy_args."
 
 
-def _options_help(cls) -> str:
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+@dataclass
+class TrainOptions:
+    """Train from a YAML recipe config; any recipe option can be overridden as --name value."""
+
+    config: str = field(metadata={"help": "A YAML file of recipe options, e.g. recipes/configs/quickstart.yaml.", "positional": True})
+    task: typing.Union[str, None] = field(
+        default=None, metadata={"help": "Required task ('clm' or 'classification'); set by the recipe scripts.", "hidden": True}
+    )
+    overrides: dict[str, str] = field(default_factory=dict, metadata={"hidden": True})
 
 
-def _parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` pairs; values are read as YAML scalars or lists (``0.5``, ``true``, ``[c_fc, c_proj]``)."""
-    overrides: dict[str, Any] = {}
-    it = iter(tokens)
-    for token in it:
-        if not token.startswith("--") or len(token) < 3:
-            raise SystemExit(f"hf-lowrank train: expected --option value, got {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            value = next(it, None)
-            if value is None:
-                raise SystemExit(f"hf-lowrank train: option --{key} needs a value")
-        overrides[key] = _scalar(value)
-    return overrides
+@dataclass
+class ReportOptions:
+    """Regenerate report.md (and a benchmark's plots) of a run or benchmark directory and print it."""
+
+    run_dir: str = field(metadata={"help": "A training run (holds results.json) or a benchmark directory (holds rows/).", "positional": True})
 
 
-def _scalar(text: str) -> Any:
-    """YAML value, with numbers such as ``4e-3`` read as floats (YAML 1.1 wants ``4.0e-3``)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    return value
+@dataclass
+class MergeOptions:
+    """Write a plain transformers model (low-rank layers merged to dense) and copy the tokenizer."""
+
+    run_dir: str = field(metadata={"help": "A saved LowRankModel folder, or a run directory holding final/.", "positional": True})
+    out: str = field(metadata={"help": "Output folder for the merged model (loads with AutoModel*.from_pretrained).", "positional": True})
 
 
-def cmd_train(args: argparse.Namespace, rest: Sequence[str]) -> int:
+@dataclass
+class InspectOptions:
+    """Print per-layer modes, ranks and parameter counts of a saved low-rank model."""
+
+    dir: str = field(metadata={"help": "A saved LowRankModel folder, a checkpoint, or a run directory holding final/.", "positional": True})
+
+
+# -- the verbs ---------------------------------------------------------------------------------
+
+
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Run a recipe: YAML config plus overrides; returns the results (also written to results.json)."""
     from .recipe import RecipeOptions, run
 
     try:
-        opts = RecipeOptions.from_yaml(args.config, _parse_overrides(rest))
-    except (ValueError, TypeError) as e:
+        recipe = RecipeOptions.from_yaml(opts.config, opts.overrides)
+    except ValueError as e:
         raise SystemExit(f"hf-lowrank train: {e}") from None
-    run(opts)
-    return 0
+    if opts.task is not None and recipe.task != opts.task:
+        raise SystemExit(
+            f"hf-lowrank train: {opts.config} has task {recipe.task!r}, this script trains {opts.task!r}; "
+            f"use {'recipes/train_classifier.py' if recipe.task == 'classification' else 'recipes/train_clm.py'}."
+        )
+    return run(recipe)
 
 
-def cmd_report(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from .report import write_report
+def report(opts: ReportOptions) -> str:
+    """Regenerate and print the report of a run; without the report module, print results.json as a table."""
+    run_dir = Path(opts.run_dir)
+    try:
+        from .report import write_report
+    except ImportError:
+        write_report = None
+    if write_report is not None:
+        try:
+            text = write_report(run_dir).read_text()
+        except FileNotFoundError as e:
+            raise SystemExit(f"hf-lowrank report: {e}") from None
+    else:
+        from .files import read_json
+        from .recipe import RESULTS_NAME, format_results
 
-    print(write_report(args.run_dir).read_text())
-    return 0
+        if not (run_dir / RESULTS_NAME).is_file():
+            raise SystemExit(f"hf-lowrank report: {run_dir / RESULTS_NAME} not found")
+        text = format_results(read_json(run_dir / RESULTS_NAME))
+    print(text)
+    return text
 
 
-def cmd_merge(args: argparse.Namespace, rest: Sequence[str]) -> int:
+def merge(opts: MergeOptions) -> Path:
+    """Merge a saved low-rank model into a plain transformers model at ``opts.out``."""
     from .model import LowRankModel
 
-    source = _model_dir(args.run_dir)
-    model = LowRankModel.from_pretrained(source)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(args.out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    source = _model_dir(opts.run_dir)
+    merged = LowRankModel.from_pretrained(source).merge_and_unload()
+    out = Path(opts.out)
+    merged.save_pretrained(out)
+    copied = []
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
         if (source / name).is_file():
-            shutil.copy(source / name, Path(args.out) / name)
-    print(f"merged {source} into a plain {type(merged).__name__} at {args.out}")
-    return 0
+            shutil.copy(source / name, out / name)
+            copied.append(name)
+    print(f"merged {source} into a plain {type(merged).__name__} at {out}" + (f" (with {', '.join(copied)})" if copied else ""))
+    return out
 
 
-def cmd_inspect(args: argparse.Namespace, rest: Sequence[str]) -> int:
+def inspect(opts: InspectOptions) -> str:
+    """The per-layer table of a saved low-rank model."""
     from .model import LowRankModel
 
-    print(LowRankModel.from_pretrained(_model_dir(args.dir)).summary())
-    return 0
+    text = LowRankModel.from_pretrained(_model_dir(opts.dir)).summary()
+    print(text)
+    return text
 
 
 def _model_dir(path: str) -> Path:
@@ -98,41 +130,120 @@ def _model_dir(path: str) -> Path:
     raise SystemExit(f"hf-lowrank: {path} holds no lowrank_config.json (nor {path / 'final'}); pass a saved model folder.")
 
 
+VERBS = {
+    "train": (train, TrainOptions),
+    "report": (report, ReportOptions),
+    "merge": (merge, MergeOptions),
+    "inspect": (inspect, InspectOptions),
+}
+
+
+# -- argparse from dataclasses -----------------------------------------------------------------
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return repr(f.default_factory())
+    return "required"
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", suppress_defaults: bool = False) -> None:
+    """One argument per field of ``cls``: positional when its metadata says so, else ``--<prefix><name>``.
+
+    Values are kept as strings and parsed by the field type later (``hf_lowrank.recipe.parse_text``),
+    so a YAML config and the command line accept the same spellings. Bool fields take an optional
+    value: ``--bf16`` means ``--bf16 true``.
+    """
+    from .recipe import type_name
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("hidden"):
+            continue
+        tp = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text)
+            continue
+        is_bool = tp is bool or (typing.get_origin(tp) is typing.Union and bool in typing.get_args(tp))
+        parser.add_argument(
+            f"--{prefix}{f.name}",
+            dest=f"{prefix}{f.name}",
+            default=argparse.SUPPRESS if suppress_defaults else None,
+            metavar="BOOL" if is_bool else {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE"),
+            nargs="?" if is_bool else None,
+            const="true" if is_bool else None,
+            help=f"{help_text} [{type_name(tp)}; default {_default_text(f)}]",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-lowrank`` parser: one sub-command per verb, arguments generated from its options dataclass."""
+    from .config import LowRankConfig
     from .recipe import RecipeOptions
 
-    parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank training for transformers models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="train from a YAML recipe config",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train from a YAML config; any option can be overridden as --name value "
-        "(dotted names reach into lowrank, e.g. --lowrank.rank 0.5).",
-        epilog="options:\n" + _options_help(RecipeOptions) + "\n\nlowrank options (LowRankConfig):\n" + _options_help(LowRankConfig),
-    )
-    train.add_argument("config", help="a YAML file of recipe options, e.g. recipes/configs/quickstart.yaml")
-    train.set_defaults(func=cmd_train)
-    report = sub.add_parser("report", help="regenerate the tables and plots of a run or benchmark directory")
-    report.add_argument("run_dir")
-    report.set_defaults(func=cmd_report)
-    merge = sub.add_parser("merge", help="write a plain (dense) transformers model from a saved low-rank model")
-    merge.add_argument("run_dir", help="a saved LowRankModel folder or a run directory holding final/")
-    merge.add_argument("out", help="output folder for the merged model")
-    merge.set_defaults(func=cmd_merge)
-    inspect = sub.add_parser("inspect", help="per-layer modes, ranks and parameter counts of a saved model")
-    inspect.add_argument("dir")
-    inspect.set_defaults(func=cmd_inspect)
+    parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank training for Hugging Face transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,merge,inspect}")
+    parser.verbs = {}
+    for verb, (_, cls) in VERBS.items():
+        doc = (cls.__doc__ or "").strip()
+        usage = "hf-lowrank train CONFIG [--option value ...]" if verb == "train" else None
+        p = sub.add_parser(verb, help=doc.split("\n")[0], description=doc, usage=usage, allow_abbrev=False)
+        parser.verbs[verb] = p
+        add_dataclass_arguments(p, cls)
+        if verb == "train":
+            add_dataclass_arguments(
+                p.add_argument_group("recipe options (override the YAML config)"), RecipeOptions, suppress_defaults=True
+            )
+            add_dataclass_arguments(
+                p.add_argument_group("low-rank options (override the config's lowrank: mapping)"),
+                LowRankConfig, prefix="lowrank.", suppress_defaults=True,
+            )
+            p.epilog = (
+                "Strategy settings: --lowrank.strategy_args.<key> value (keys per strategy in docs/strategies.md). "
+                "Lists: [c_fc, c_proj] or c_fc,c_proj; none/null for None."
+            )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hf-lowrank`` console script."""
+def train_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``train``'s overrides of the YAML config (recipe options, ``lowrank.*`` and strategy settings) and the unknown tokens."""
+    tokens, unknown, strategy_args = list(rest), [], {}
+    while tokens:
+        token = tokens.pop(0)
+        key, eq, value = token.partition("=")
+        if not key.startswith(STRATEGY_ARGS_PREFIX) or len(key) == len(STRATEGY_ARGS_PREFIX):
+            unknown.append(token)
+            continue
+        if not eq:
+            if not tokens or tokens[0].startswith("--"):
+                parser.verbs["train"].error(f"argument {key}: expected one argument")
+            value = tokens.pop(0)
+        strategy_args[key[2:]] = value
+    recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    return {**recipe_keys, **strategy_args}, unknown
+
+
+def main(argv: Sequence[str] | None = None, task: str | None = None) -> int:
+    """Entry point of the ``hf-lowrank`` console script; ``task`` makes ``train`` refuse configs of another task."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.func(args, rest)
+    func, cls = VERBS[args.command]
+    overrides: dict[str, str] = {}
+    if args.command == "train":
+        overrides, rest = train_overrides(parser, args, rest)
+    if rest:
+        options = [t.partition("=")[0] for t in rest if t.startswith("-")]
+        what = f"unknown option(s) {', '.join(options)}" if options else f"unexpected argument(s) {' '.join(rest)}"
+        parser.verbs[args.command].error(f"{what}; see hf-lowrank {args.command} --help")
+    if args.command == "train":
+        opts = TrainOptions(config=args.config, task=task, overrides=overrides)
+    else:
+        opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    func(opts)
+    return 0
 
 
 if __name__ == "__main__":
