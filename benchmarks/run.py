@@ -1,237 +1,195 @@
 """Every strategy side by side on the same data, seed and steps; prints measured ratios to full rank.
 
-    python -m benchmarks.run --scale cpu --out runs/bench-cpu        # GPT-2 4x192 on SOTU, < 30 min on 2 cores
-    python -m benchmarks.run --scale gpu --out runs/bench-gpu        # GPT-2 small (124M) in bf16
-    hf-lowrank report runs/bench-cpu                                 # regenerate table and plots
+    python -m benchmarks.run --scale cpu --out runs/bench-cpu    # GPT-2 4x256 on SOTU, 2 CPU cores, < 30 min
+    python -m benchmarks.run --scale gpu --out runs/bench-gpu    # GPT-2 small (124M) in bf16, one GPU
+    hf-lowrank report runs/bench-cpu                             # regenerate report.md and the plots
 
-Each row runs in its own subprocess (``--row NAME``) so that its peak memory is its own; it
-writes ``rows/<name>.json``, and the driver writes ``report.md`` and the plots.
+Rows: full rank, InRank, the fixed-rank control, Cuttlefish, warm start (Kamalakara), dynamic
+rank (Shin), and GaLore through transformers' ``optim="galore_adamw"`` beside a Llama-style
+full-rank row of the same size (GaLore only projects ``nn.Linear``, and GPT-2 uses
+``Conv1D``). Each row trains in a fresh ``python -m benchmarks.run_row`` process (its own
+peak memory), writes ``rows/<name>/*.json``, and gets a one-line summary here; the driver
+then writes ``report.md`` with the table, the targets met or missed, and the PNG plots.
+This is a measurement, not a test: it prints ratios and fails only if a row crashes.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import importlib.util
 import json
 import os
 import platform
-import resource
+import shlex
 import subprocess
 import sys
 import time
-from datetime import date
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import torch
+from benchmarks.config import ROW_BY_NAME, ROW_NAMES, SCALES, Scale, get_row, parse_settings
+from hf_lowrank.files import read_json, write_json
 
-MLP = {"target_modules": ["c_fc", "c_proj"], "exclude_modules": r".*attn.*"}
-LLAMA_MLP = {"target_modules": ["gate_proj", "up_proj", "down_proj"]}
-
-SCALES = {
-    "cpu": dict(
-        n_layer=4, n_embd=192, n_head=4, block_size=128, vocab_size=4096, max_steps=300, per_device_train_batch_size=8,
-        learning_rate=2e-3, warmup_steps=20, max_eval_tokens=32768, eval_steps=50, logging_steps=10, use_cpu=True,
-    ),
-    "gpu": dict(
-        n_layer=12, n_embd=768, n_head=12, block_size=512, vocab_size=16384, max_steps=2000, per_device_train_batch_size=32,
-        learning_rate=6e-4, warmup_steps=100, max_eval_tokens=262144, eval_steps=200, logging_steps=50, bf16=True,
-    ),
-}
-
-# name -> (label, reference row, recipe overrides). "fixed_rank" is filled with InRank's mean final rank.
-ROWS = {
-    "full": ("full rank", "full", {"lowrank": {**MLP, "mode": "dense", "strategy": "fixed"}}),
-    "inrank": ("InRank", "full", {"lowrank": {**MLP, "init": "spectral", "strategy": "inrank"}}),
-    "fixed": ("fixed rank (control)", "full", {"lowrank": {**MLP, "strategy": "fixed", "rank": "fixed_rank"}}),
-    "cuttlefish": ("Cuttlefish", "full", {"lowrank": {**MLP, "strategy": "cuttlefish", "frobenius_decay": 1e-4}}),
-    "warm_start": ("warm start (Kamalakara)", "full", {"lowrank": {**MLP, "strategy": "warm_start", "rank": "fixed_rank"}}),
-    "dynamic": ("dynamic rank", "full", {"lowrank": {**MLP, "strategy": "dynamic", "strategy_args": {"rank": "fixed_rank"}}}),
-    "llama_full": ("Llama full rank", "llama_full", {"architecture": "llama", "lowrank": {**LLAMA_MLP, "mode": "dense", "strategy": "fixed"}}),
-    "galore": ("GaLore (Llama)", "llama_full", {"architecture": "llama", "galore": True}),
-}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fill(value, fixed_rank):
-    if value == "fixed_rank":
-        return fixed_rank
-    if isinstance(value, dict):
-        return {k: _fill(v, fixed_rank) for k, v in value.items()}
-    return value
+def machine() -> str:
+    """CPU model, cores, memory, and GPU if any, in one line."""
+    import torch
 
-
-def _layout(model) -> dict[str, list]:
-    return {n: [l.mode, l.rank if l.mode != "dense" else l.full_rank] for n, l in model.lowrank_layers().items()}
-
-
-def _other_flops(model, opts) -> float:
-    """Matmul FLOPs per token outside the low-rank layers: other linear layers and attention scores."""
-    from transformers.pytorch_utils import Conv1D
-
-    from hf_lowrank.layer import LowRankLinear
-
-    flops = 0.0
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            continue
-        if isinstance(module, torch.nn.Linear):
-            flops += 6.0 * module.in_features * module.out_features
-        elif isinstance(module, Conv1D):
-            flops += 6.0 * module.weight.numel()
-    return flops + 12.0 * opts.n_layer * opts.block_size * opts.n_embd
-
-
-def run_row(name: str, scale: str, out: Path, fixed_rank: float, order: int) -> dict:
-    """Train one row and write ``rows/<name>.json``."""
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    if info.is_file():
+        names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    parts = [f"{cpu}, {os.cpu_count()} cores"]
+    try:
+        parts.append(f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM")
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name())
     import transformers
 
-    from hf_lowrank.metrics import perplexity
-    from hf_lowrank.recipe import RecipeOptions, load_data, train_one
-
-    label, reference, overrides = ROWS[name]
-    overrides = _fill(overrides, fixed_rank)
-    galore = overrides.pop("galore", False)
-    opts = RecipeOptions(**{**SCALES[scale], **overrides, "output_dir": str(out / "runs" / name), "seed": 0})
-    tokenizer, data, labels = load_data(opts)
-    history: list[dict] = []
-    start = [0.0]
-
-    class Recorder(transformers.TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            start[0] = time.perf_counter()
-            history.append({"step": 0, "time": 0.0, **({"layout": _layout(model)} if hasattr(model, "lowrank_layers") else {})})
-
-        def on_log(self, args, state, control, logs=None, model=None, **kw):
-            entry = {"step": state.global_step, "time": time.perf_counter() - start[0]}
-            if "eval_loss" in logs:
-                entry["eval_loss"] = logs["eval_loss"]
-            if hasattr(model, "lowrank_layers"):
-                entry["layout"] = _layout(model)
-            history.append(entry)
-
-    if galore:
-        result, log, model = _galore_row(opts, tokenizer, data, Recorder())
-        shapes = {}
-    else:
-        result = train_one(opts, opts.lowrank, opts.output_dir, tokenizer, data, labels, callbacks=(Recorder(),))
-        trainer = result.pop("trainer")
-        model, log = trainer.model, trainer.state.log_history
-        shapes = {n: [l.in_features, l.out_features] for n, l in model.lowrank_layers().items()}
-    eval_seconds = sum(e.get("eval_runtime", 0.0) for e in log)
-    train_seconds = result["train_seconds"] - eval_seconds
-    tokens = opts.max_steps * opts.per_device_train_batch_size * opts.gradient_accumulation_steps * opts.block_size
-    from hf_lowrank.report import run_flops
-
-    if torch.cuda.is_available() and not opts.use_cpu:
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "cuda"
-    else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
-    layouts = [e for e in history if "layout" in e]
-    row = {
-        "name": name,
-        "label": label,
-        "reference": reference,
-        "order": order,
-        "eval_loss": result["eval_loss"],
-        "perplexity": perplexity(result["eval_loss"]),
-        "tokens_per_second": tokens / train_seconds,
-        "train_seconds": train_seconds,
-        "decision_seconds": result.get("decision_seconds", 0.0),
-        "trainable_params": result["trainable_params"],
-        "total_params": result["total_params"],
-        "peak_memory_mb": peak,
-        "memory_kind": kind,
-        "flops_per_token": run_flops(layouts, shapes, _other_flops(model, opts), opts.max_steps),
-        "history": history,
-        "final_ranks": {n: r for n, (_, r) in layouts[-1]["layout"].items()} if layouts else {},
-        "full_ranks": {n: min(s) for n, s in shapes.items()},
-        "options": dataclasses.asdict(opts),
-    }
-    (out / "rows").mkdir(parents=True, exist_ok=True)
-    from hf_lowrank.files import write_json
-
-    write_json(out / "rows" / f"{name}.json", row)
-    return row
+    parts.append(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    return ", ".join(parts)
 
 
-def _galore_row(opts, tokenizer, data, recorder):
-    """GaLore through transformers' Trainer (dense weights, low-rank gradient projection)."""
-    import transformers
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3]) + " (1, 5, 15 min)"
+    except OSError:
+        return "unknown"
 
-    from hf_lowrank.recipe import build_model
 
-    model = build_model(opts, len(tokenizer))
-    args = transformers.TrainingArguments(
-        opts.output_dir, max_steps=opts.max_steps, per_device_train_batch_size=opts.per_device_train_batch_size,
-        per_device_eval_batch_size=opts.per_device_train_batch_size, learning_rate=opts.learning_rate,
-        lr_scheduler_type=opts.lr_scheduler_type, warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
-        max_grad_norm=opts.max_grad_norm, bf16=opts.bf16, seed=opts.seed, eval_strategy="steps", eval_steps=opts.eval_steps,
-        save_strategy="no", logging_steps=opts.logging_steps, report_to="none", use_cpu=opts.use_cpu, disable_tqdm=False,
-        optim="galore_adamw", optim_target_modules=[r".*mlp.*"], optim_args=f"rank={max(8, opts.n_embd // 6)},update_proj_gap=50,scale=0.25",
+def inrank_rank_fraction(out: Path) -> float | None:
+    """Sum of InRank's final ranks over the sum of full ranks, from its ``rank_pattern.json``."""
+    path = out / "rows" / "inrank" / "rank_pattern.json"
+    if not path.is_file():
+        return None
+    pattern = read_json(path)
+    low = [p for p in pattern.values() if p["mode"] != "dense"]
+    return round(sum(p["rank"] for p in low) / sum(p["full_rank"] for p in low), 4) if low else None
+
+
+def skip_reason(name: str) -> str | None:
+    """Why a row cannot run here, or None."""
+    if name == "galore" and importlib.util.find_spec("galore_torch") is None:
+        return "galore-torch is not installed (pip install galore-torch)"
+    return None
+
+
+def summary_line(metrics: dict[str, Any], reference: dict[str, Any] | None, seconds: float) -> str:
+    """The one line printed as each row finishes."""
+    m = metrics
+    rel = lambda key: f" ({m[key] / reference[key]:.2f}x)" if reference else ""  # noqa: E731
+    return (
+        f"{m['label']}: ppl {m['perplexity']:.1f}{rel('perplexity')} | {m['tokens_per_second']:,.0f} tok/s{rel('tokens_per_second')} "
+        f"| trainable {m['trainable_params']:,}{rel('trainable_params')} | peak {m['peak_memory_bytes'] / 2**20:,.0f} MiB "
+        f"| decisions {100 * m['decision_share']:.2f}% | {seconds:.0f} s"
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"], callbacks=[recorder])
-    t = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t
-    metrics = trainer.evaluate()
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    result = {"eval_loss": metrics["eval_loss"], "train_seconds": seconds, "trainable_params": n, "total_params": n}
-    return result, trainer.state.log_history, model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--out", default="runs/bench-cpu")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
-    parser.add_argument("--row", help=argparse.SUPPRESS)
-    parser.add_argument("--fixed-rank", type=float, default=0.15, help=argparse.SUPPRESS)
-    parser.add_argument("--order", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--set", action="append", default=[], help="override a scale option, e.g. --set max_steps=50")
-    args = parser.parse_args()
-    out = Path(args.out)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        for scale in SCALES.values():
-            scale[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
-    if args.row:
-        run_row(args.row, args.scale, out, args.fixed_rank, args.order)
-        return
-    rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {list(ROWS)}")
-    rows.sort(key=list(ROWS).index)  # InRank before the rows that take its final rank
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "load average at start": open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?",
-        "scale": args.scale,
-        "settings": json.dumps(SCALES[args.scale]),
-        "rows": rows,
-    }
-    fixed_rank = 0.15
-    from hf_lowrank.files import read_json, write_json
+def run_benchmark(
+    scale_name: str,
+    out: Path,
+    rows: list[str],
+    settings: dict[str, Any] | None = None,
+    fixed_rank: float | None = None,
+    isolate: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Run ``rows`` (each in a fresh process unless ``isolate`` is False), then write the report.
 
-    write_json(out / "benchmark.json", meta)
-    for order, name in enumerate(rows):
-        t = time.perf_counter()
-        cmd = [sys.executable, "-m", "benchmarks.run", "--scale", args.scale, "--out", str(out), "--row", name,
-               "--fixed-rank", str(fixed_rank), "--order", str(order)] + [f"--set={s}" for s in args.set]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).parents[1])
-        row = read_json(out / "rows" / f"{name}.json")
-        if name == "inrank" and row["final_ranks"]:
-            fixed_rank = round(sum(row["final_ranks"].values()) / sum(row["full_ranks"].values()), 3)
-        print(
-            f"[{name}] eval ppl {row['perplexity']:.2f}  tokens/s {row['tokens_per_second']:,.0f}  "
-            f"trainable {row['trainable_params']:,}  peak {row['peak_memory_mb']:,.0f} MB  ({time.perf_counter() - t:.0f} s)",
-            flush=True,
-        )
+    Returns the path of ``report.md``. In-process rows share one process, so a row's peak
+    memory can include what earlier rows left allocated; use it for smoke runs only.
+    """
+    from benchmarks.run_row import prepare_data, run_row
     from hf_lowrank.report import write_report
 
-    print(write_report(out).read_text())
+    settings = settings or {}
+
+    scale: Scale = SCALES[scale_name].replace(**settings)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    meta = {
+        "command": command or "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "load average at start": load_average(),
+        "scale": scale_name,
+        "settings": scale.to_dict(),
+        "rows": rows,
+    }
+    write_json(out / "benchmark.json", meta)
+    prepare_data(scale, out)
+    set_args = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
+    failed = []
+    for order, name in enumerate(rows):
+        row_dir = out / "rows" / name
+        row_dir.mkdir(parents=True, exist_ok=True)
+        (row_dir / "metrics.json").unlink(missing_ok=True)
+        reason = skip_reason(name)
+        if reason:
+            row = ROW_BY_NAME[name]
+            write_json(row_dir / "metrics.json", {"name": name, "label": row.label, "reference": row.reference, "order": order, "skipped": reason})
+            print(f"[{order + 1}/{len(rows)}] {row.label}: skipped, {reason}", flush=True)
+            continue
+        rank = fixed_rank if fixed_rank is not None else inrank_rank_fraction(out)
+        cmd = [sys.executable, "-m", "benchmarks.run_row", "--out", str(out), "--row", name, "--scale", scale_name, "--order", str(order)]
+        cmd += set_args + (["--fixed-rank", str(rank)] if rank is not None else [])
+        t = time.perf_counter()
+        if isolate:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        else:
+            run_row(get_row(name, rank, scale.targets), scale, out, order)
+            status = 0
+        seconds = time.perf_counter() - t
+        if status != 0 or not (row_dir / "metrics.json").is_file():
+            failed.append(name)
+            print(f"[{order + 1}/{len(rows)}] {name}: FAILED (exit {status}, see the output above)", flush=True)
+            continue
+        metrics = read_json(row_dir / "metrics.json")
+        ref_file = out / "rows" / metrics["reference"] / "metrics.json"
+        reference = read_json(ref_file) if metrics["reference"] != name and ref_file.is_file() else None
+        if reference is not None and "eval_loss" not in reference:
+            reference = None
+        print(f"[{order + 1}/{len(rows)}] " + summary_line(metrics, reference, seconds), flush=True)
+    meta["load average at end"] = load_average()
+    meta["runtime"] = f"{(time.perf_counter() - start) / 60:.1f} min"
+    write_json(out / "benchmark.json", meta)
+    report = write_report(out)
+    if failed:
+        raise SystemExit(f"rows failed: {failed}; the report covers the others ({report})")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: GPT-2 4x256 on 2 cores; gpu: GPT-2 small, bf16")
+    parser.add_argument("--out", default=None, help="benchmark directory (default runs/bench-<scale>)")
+    parser.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated subset of {','.join(ROW_NAMES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")
+    parser.add_argument("--fixed-rank", type=float, default=None, help="rank fraction for fixed/warm_start/dynamic (default: InRank's final)")
+    parser.add_argument("--in-process", action="store_true", help="run rows in this process (smoke runs; peak memory then mixes rows)")
+    args = parser.parse_args(argv)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {ROW_NAMES}")
+    rows.sort(key=ROW_NAMES.index)  # InRank runs before the rows that take its final rank
+    try:
+        settings = parse_settings(args.set)
+        SCALES[args.scale].replace(**settings)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
+    out = Path(args.out or f"runs/bench-{args.scale}")
+    report = run_benchmark(args.scale, out, rows, settings, args.fixed_rank, isolate=not args.in_process)
+    print()
+    print(report.read_text())
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":

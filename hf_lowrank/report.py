@@ -1,158 +1,347 @@
-"""Tables and plots of a run or benchmark directory, from the JSON files the runs wrote.
+"""Tables and plots of a benchmark or training-run directory, rebuilt from the JSON files the runs wrote.
 
-A benchmark directory holds ``rows/<name>.json`` (one per row, see ``benchmarks/run.py``);
-a recipe run directory holds ``results.json``. ``write_report`` regenerates ``report.md``
-and, for benchmarks, the PNG plots beside it.
+A benchmark directory (``python -m benchmarks.run``) holds ``benchmark.json`` and, per row,
+``rows/<name>/metrics.json``, ``log_history.json`` and ``rank_pattern.json``. A training run
+(``hf-lowrank train``) holds ``results.json``. :func:`write_report` writes ``report.md`` (and,
+for a benchmark, the PNG plots) next to them; ``hf-lowrank report RUN_DIR`` calls it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .files import read_json
 
+PLOTS = ("eval_loss.png", "ranks.png", "final_ranks.png")
+
+# The issue's targets: InRank within 2% of full-rank perplexity at >= 1.3x its tokens/s and
+# <= 0.6x its trainable parameters; rank decisions <= 2% of run time; measured speedup
+# >= 80% of the FLOP-predicted one.
+TARGETS = {"ppl_ratio": 1.02, "speedup": 1.3, "trainable_ratio": 0.6, "decision_share": 0.02, "speedup_efficiency": 0.8}
+
 COLUMNS = (
-    "row", "eval ppl", "ppl / full", "tokens/s", "speed / full", "trainable", "total", "trainable / full",
-    "peak mem (MB)", "rank decisions", "FLOP-predicted speedup", "measured speedup", "measured / predicted",
+    "row", "eval ppl", "ppl / full", "tokens/s", "measured speedup", "FLOP speedup (run)",
+    "FLOP speedup (final ranks)", "measured / FLOP (run)", "trainable", "total", "trainable / full",
+    "peak memory", "final ranks", "rank decisions",
 )
 
 
-def layer_flops(mode: str, rank: int, in_f: int, out_f: int) -> float:
-    """Matmul FLOPs per token of forward + backward through one layer in ``mode``."""
-    dense, low = in_f * out_f, rank * (in_f + out_f)
-    if mode == "dense":
-        return 6.0 * dense
-    if mode == "factorized":
-        return 6.0 * low
-    return 4.0 * dense + 6.0 * low  # residual: W0 forward and input gradient, no weight gradient
+# -- loading -----------------------------------------------------------------------------------
 
 
-def run_flops(history: list[dict[str, Any]], shapes: dict[str, list[int]], other_flops: float, max_steps: int) -> float:
-    """FLOPs per token averaged over the run's steps, with each logged layout held until the next log."""
-    if not history:
-        return other_flops
-    total, prev_step, prev = 0.0, 0, history[0]["layout"]
-    for entry in history[1:] + [{"step": max_steps, "layout": history[-1]["layout"]}]:
-        span = max(0, min(entry["step"], max_steps) - prev_step)
-        total += span * (other_flops + sum(layer_flops(m, r, *shapes[n]) for n, (m, r) in prev.items()))
-        prev_step, prev = min(entry["step"], max_steps), entry["layout"]
-    return total / max(1, max_steps)
+def load_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every row of a benchmark, in run order: its metrics plus ``history`` and ``pattern``."""
+    rows = []
+    for folder in sorted(Path(run_dir, "rows").iterdir()):
+        metrics_file = folder / "metrics.json"
+        if not metrics_file.is_file():
+            continue
+        row = read_json(metrics_file)
+        row["history"] = read_json(folder / "log_history.json") if (folder / "log_history.json").is_file() else []
+        row["pattern"] = read_json(folder / "rank_pattern.json") if (folder / "rank_pattern.json").is_file() else {}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r.get("order", 0))
 
 
-def load_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The benchmark rows in the order they were run."""
-    rows = [read_json(p) for p in sorted((run_dir / "rows").glob("*.json"))]
-    return sorted(rows, key=lambda r: r["order"])
+def _done(row: dict[str, Any]) -> bool:
+    return "eval_loss" in row and not row.get("skipped")
+
+
+def _reference(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ref = next((r for r in rows if r["name"] == row.get("reference")), None)
+    return ref if ref is not None and _done(ref) else None
+
+
+def ratios(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Perplexity, speed, parameter and FLOP ratios of ``row`` to its reference row (NaN without one)."""
+    ref = _reference(row, rows)
+    if ref is None or not _done(row):
+        return {k: math.nan for k in ("ppl", "speedup", "trainable", "flop_run", "flop_final", "efficiency")}
+    flop_run = ref["flops_per_token_run"] / row["flops_per_token_run"]
+    speedup = row["tokens_per_second"] / ref["tokens_per_second"]
+    return {
+        "ppl": row["perplexity"] / ref["perplexity"],
+        "speedup": speedup,
+        "trainable": row["trainable_params"] / ref["trainable_params"],
+        "flop_run": flop_run,
+        "flop_final": ref["flops_per_token_final"] / row["flops_per_token_final"],
+        "efficiency": speedup / flop_run,
+    }
+
+
+# -- table and targets -------------------------------------------------------------------------
+
+
+def _fmt(value: float, pattern: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def final_ranks(row: dict[str, Any]) -> str:
+    """The final ranks of a row's low-rank layers as ``lo-hi of full`` (``dense`` when none is factorized)."""
+    low = [p for p in row.get("pattern", {}).values() if p["mode"] != "dense"]
+    if not low:
+        return "dense"
+    ranks, fulls = sorted(p["rank"] for p in low), sorted({p["full_rank"] for p in low})
+    span = f"{ranks[0]}" if ranks[0] == ranks[-1] else f"{ranks[0]}-{ranks[-1]}"
+    frozen = " + W0" if any(p["mode"] == "residual" for p in low) else ""
+    return f"{span} of {'/'.join(map(str, fulls))}{frozen}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of a benchmark, ratios against the row named ``full``."""
-    base = {r["reference"]: r for r in rows if r["name"] == r["reference"]}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """The markdown table; each ratio is against the row's reference (full rank of its architecture)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
     for r in rows:
-        ref = base.get(r["reference"], r)
-        predicted = ref["flops_per_token"] / r["flops_per_token"] if r.get("flops_per_token") else math.nan
-        measured = r["tokens_per_second"] / ref["tokens_per_second"]
+        if not _done(r):
+            why = r.get("skipped") or r.get("error") or "no result"
+            lines.append(f"| {r['label']} | " + " | ".join(["-"] * (len(COLUMNS) - 2)) + f" | not run: {why} |")
+            continue
+        q = ratios(r, rows)
         cells = [
             r["label"],
-            f"{r['perplexity']:.2f}",
-            f"{r['perplexity'] / ref['perplexity']:.3f}",
+            f"{r['perplexity']:.1f}",
+            _fmt(q["ppl"], "{:.3f}"),
             f"{r['tokens_per_second']:,.0f}",
-            f"{measured:.2f}x",
+            _fmt(q["speedup"], "{:.2f}x"),
+            _fmt(q["flop_run"], "{:.2f}x"),
+            _fmt(q["flop_final"], "{:.2f}x"),
+            _fmt(q["efficiency"], "{:.0%}"),
             f"{r['trainable_params']:,}",
             f"{r['total_params']:,}",
-            f"{r['trainable_params'] / ref['trainable_params']:.2f}",
-            f"{r['peak_memory_mb']:,.0f} ({r['memory_kind']})",
-            f"{100 * r['decision_seconds'] / max(r['train_seconds'], 1e-9):.2f}%",
-            f"{predicted:.2f}x",
-            f"{measured:.2f}x",
-            f"{measured / predicted:.0%}" if predicted == predicted else "-",
+            _fmt(q["trainable"], "{:.2f}"),
+            _bytes(r["peak_memory_bytes"]),
+            final_ranks(r),
+            f"{100 * r['decision_share']:.2f}%" if r["decision_seconds"] else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _plots(rows: list[dict[str, Any]], out: Path) -> list[str]:
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per target of the benchmark issue: met or missed, with the measured value."""
+    by_name = {r["name"]: r for r in rows if _done(r)}
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- **{'met' if ok else 'missed'}**: {text}")
+
+    inrank = by_name.get("inrank")
+    if inrank is not None and _reference(inrank, rows) is not None:
+        q = ratios(inrank, rows)
+        line(q["ppl"] <= TARGETS["ppl_ratio"], f"InRank perplexity within 2% of full rank: {q['ppl']:.3f}x ({inrank['perplexity']:.1f})")
+        line(q["speedup"] >= TARGETS["speedup"], f"InRank tokens/s >= 1.3x full rank: {q['speedup']:.2f}x")
+        line(q["trainable"] <= TARGETS["trainable_ratio"], f"InRank trainable parameters <= 0.6x full rank: {q['trainable']:.2f}x")
+    fixed = by_name.get("fixed")
+    if fixed is not None:
+        for r in by_name.values():
+            if r.get("lowrank_config") and r["name"] not in ("full", "fixed") and r["family"] == fixed["family"]:
+                line(
+                    r["perplexity"] < fixed["perplexity"],
+                    f"{r['label']} better than the fixed-rank control: perplexity {r['perplexity']:.1f} vs {fixed['perplexity']:.1f}",
+                )
+    for r in by_name.values():
+        if r["decision_seconds"]:
+            line(r["decision_share"] <= TARGETS["decision_share"], f"{r['label']}: rank decisions {100 * r['decision_share']:.2f}% of run time (<= 2%)")
+    for r in by_name.values():
+        q = ratios(r, rows)
+        if r["name"] != r.get("reference") and not math.isnan(q["flop_run"]) and abs(q["flop_run"] - 1.0) > 0.01:
+            line(
+                q["efficiency"] >= TARGETS["speedup_efficiency"],
+                f"{r['label']}: measured speedup {q['speedup']:.2f}x is {q['efficiency']:.0%} of the FLOP-predicted "
+                f"{q['flop_run']:.2f}x (>= 80%)",
+            )
+    return out
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def _short(layer: str) -> str:
+    for prefix in ("base_model.", "transformer.", "model."):
+        layer = layer.removeprefix(prefix)
+    return layer.replace("layers.", "h.")
+
+
+def _colors(rows: list[dict[str, Any]]) -> dict[str, Any]:
     import matplotlib
 
-    matplotlib.use("Agg")
+    cmap = matplotlib.colormaps["tab10"]
+    return {r["name"]: cmap(i % 10) for i, r in enumerate(rows)}
+
+
+def plot_eval_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    """Eval loss against optimizer step and against training time (evaluation excluded), every row."""
     import matplotlib.pyplot as plt
 
-    written = []
-    for x_key, name, xlabel in (("step", "eval_loss_vs_step.png", "optimizer step"), ("time", "eval_loss_vs_time.png", "wall time (s)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in rows:
-            points = [(e[x_key], e["eval_loss"]) for e in r["history"] if "eval_loss" in e]
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=r["label"])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("eval loss")
-        ax.set_title(f"Eval loss vs {xlabel.split(' (')[0]}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+    colors = _colors(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     for r in rows:
-        ranks = [(e["step"], {n: rank for n, (_, rank) in e["layout"].items()}) for e in r["history"] if "layout" in e]
-        if len({json.dumps(x[1], sort_keys=True) for x in ranks}) <= 1:
+        evals = [e for e in r["history"] if "eval_loss" in e]
+        if not evals:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for layer in ranks[0][1]:
-            ax.step([s for s, _ in ranks], [lay[layer] for _, lay in ranks], where="post", label=layer.replace("transformer.", ""))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("active rank")
-        ax.set_title(f"Per-layer rank: {r['label']}")
+        style = dict(color=colors[r["name"]], marker="o", markersize=3.5, linewidth=1.6, label=r["label"])
+        if r.get("family") != "gpt2":
+            style["linestyle"] = "--"
+        axes[0].plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], **style)
+        axes[1].plot([e["train_seconds"] for e in evals], [e["eval_loss"] for e in evals], **style)
+    axes[0].set_xlabel("optimizer step")
+    axes[1].set_xlabel("training time, s (evaluation excluded)")
+    axes[0].set_ylabel("eval loss (nats/token)")
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        name = f"ranks_{r['name']}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    with_layers = [r for r in rows if r.get("final_ranks")]
-    if with_layers:
-        layers = sorted({n for r in with_layers for n in r["final_ranks"]})
-        grid = [[r["final_ranks"].get(n, math.nan) / r["full_ranks"].get(n, 1) for n in layers] for r in with_layers]
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(layers) + 3), 0.45 * len(with_layers) + 2))
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(layers)), [n.replace("transformer.", "").replace("model.", "") for n in layers], rotation=70, fontsize=7)
-        ax.set_yticks(range(len(with_layers)), [r["label"] for r in with_layers], fontsize=8)
-        for i, r in enumerate(with_layers):
-            for j, n in enumerate(layers):
-                if n in r["final_ranks"]:
-                    ax.text(j, i, str(r["final_ranks"][n]), ha="center", va="center", fontsize=6, color="w")
-        fig.colorbar(im, ax=ax, label="final rank / full rank")
-        ax.set_title("Final rank per layer")
-        fig.tight_layout()
-        fig.savefig(out / "final_ranks_heatmap.png", dpi=110)
-        plt.close(fig)
-        written.append("final_ranks_heatmap.png")
-    return written
+    axes[0].set_title("Eval loss vs step")
+    axes[1].set_title("Eval loss vs training time")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.12 if len(labels) > 4 else 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose layers changed mode or rank during training."""
+    out = []
+    for r in rows:
+        seen = {repr(sorted(e["layers"].items())) for e in r["history"] if e.get("layers")}
+        if r.get("changes_rank") or len(seen) > 1:
+            if any(e.get("layers") for e in r["history"]):
+                out.append(r)
+    return out
+
+
+def plot_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Per-layer active rank vs step, one panel per strategy that changes ranks; False when none does."""
+    import matplotlib.pyplot as plt
+
+    panels = _rank_rows(rows)
+    if not panels:
+        return False
+    cols = min(2, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.2 * cols, 3.9 * nrows), squeeze=False, sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, r in zip(axes.flat, panels):
+        entries = [e for e in r["history"] if e.get("layers")]
+        layers = list(entries[0]["layers"])
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
+        blocks = sorted({n.rsplit(".", 2)[0] for n in layers})
+        for n in layers:
+            xs = [e["step"] for e in entries if n in e["layers"]]
+            ys = [e["layers"][n][1] for e in entries if n in e["layers"]]
+            color = cmap(blocks.index(n.rsplit(".", 2)[0]) / max(1, len(blocks) - 1) * 0.9)
+            ls = ("-", "--", ":", "-.")[kinds.index(n.rsplit(".", 1)[-1]) % 4]
+            ax.step(xs, ys, where="post", color=color, linestyle=ls, linewidth=1.4, label=_short(n))
+        full = max(p["full_rank"] for p in r["pattern"].values()) if r["pattern"] else None
+        if full:
+            ax.axhline(full, color="grey", linewidth=0.8, linestyle=":")
+            ax.text(0, full, " full rank", va="bottom", fontsize=8, color="grey")
+        for plan in r.get("plans", []):
+            ax.axvline(plan["step"], color="red", alpha=0.35, linewidth=1)
+        ax.set_title(f"{r['label']}: active rank per layer", fontsize=10)
+        ax.set_ylabel("active rank (dense = full)")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=6.5, ncol=2, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step (red lines: rank decisions applied)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_final_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Heat map of final rank / full rank per layer, one line per low-rank row (not the references); False when none."""
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["pattern"] and r["name"] != r.get("reference")]
+    if not shown:
+        return False
+    layers = list(dict.fromkeys(n for r in shown for n in r["pattern"]))
+    grid, text = [], []
+    for r in shown:
+        grid.append([r["pattern"][n]["rank"] / r["pattern"][n]["full_rank"] if n in r["pattern"] else math.nan for n in layers])
+        labels = []
+        for n in layers:
+            p = r["pattern"].get(n)
+            if p is None:
+                labels.append("")
+            elif p["mode"] == "dense":
+                labels.append("dense")
+            else:
+                labels.append(f"{p['rank']}" + ("\n+W0" if p["mode"] == "residual" else ""))
+        text.append(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(layers) + 3), 0.6 * len(shown) + 2.4))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(layers)), [_short(n) for n in layers], rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(shown)), [r["label"] for r in shown], fontsize=9)
+    for i, labels in enumerate(text):
+        for j, label in enumerate(labels):
+            value = grid[i][j]
+            ax.text(j, i, label, ha="center", va="center", fontsize=7, color="black" if value > 0.6 else "white")
+    fig.colorbar(im, ax=ax, label="final rank / full rank")
+    ax.set_title("Final rank per layer (cell: rank; +W0: adapter over a frozen base)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def benchmark_markdown(run_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]], plots: list[str]) -> str:
+    """The text of a benchmark's ``report.md``."""
+    lines = [f"# Benchmark: {meta.get('scale', '?')} scale", ""]
+    for key in ("command", "date", "machine", "load average at start", "load average at end", "runtime"):
+        if key in meta:
+            lines.append(f"- {key}: `{meta[key]}`" if key == "command" else f"- {key}: {meta[key]}")
+    settings = meta.get("settings")
+    if settings:
+        lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    lines += ["", table(rows), ""]
+    notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["Notes:", *notes, ""]
+    lines += ["## Targets", "", *targets(rows), ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Regenerate ``report.md`` (and the plots of a benchmark) in ``run_dir``; returns the report path."""
+    """Regenerate ``report.md`` (and a benchmark's plots) in ``run_dir``; returns the path of ``report.md``."""
     run_dir = Path(run_dir)
     out = run_dir / "report.md"
     if (run_dir / "rows").is_dir():
         rows = load_rows(run_dir)
         if not rows:
-            raise FileNotFoundError(f"{run_dir / 'rows'}: no row results to report")
+            raise FileNotFoundError(f"{run_dir / 'rows'}: no rows/<name>/metrics.json to report")
         meta = read_json(run_dir / "benchmark.json") if (run_dir / "benchmark.json").is_file() else {}
-        plots = _plots(rows, run_dir)
-        body = [f"# Benchmark: {meta.get('scale', '?')} scale", ""]
-        body += [f"- {k}: {v}" for k, v in meta.items() if k != "rows"]
-        body += ["", table(rows), ""] + [f"![{p}]({p})" for p in plots]
-        out.write_text("\n".join(body) + "\n")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        done = [r for r in rows if _done(r)]
+        plots = []
+        plot_eval_loss(done, run_dir / "eval_loss.png")
+        plots.append("eval_loss.png")
+        if plot_ranks(done, run_dir / "ranks.png"):
+            plots.append("ranks.png")
+        if plot_final_ranks(done, run_dir / "final_ranks.png"):
+            plots.append("final_ranks.png")
+        out.write_text(benchmark_markdown(run_dir, meta, rows, plots))
     elif (run_dir / "results.json").is_file():
         from .recipe import format_results
 
         out.write_text("```\n" + format_results(read_json(run_dir / "results.json")) + "\n```\n")
     else:
-        raise FileNotFoundError(f"{run_dir}: neither rows/ (a benchmark) nor results.json (a training run) is there")
+        raise FileNotFoundError(
+            f"{run_dir}: neither rows/ (a benchmark from python -m benchmarks.run) nor results.json (a training run) is there"
+        )
     return out
