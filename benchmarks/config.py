@@ -2,7 +2,7 @@
 
 A scale fixes the model shape, data, steps and optimizer settings shared by every row; a row
 adds the low-rank settings (or, for GaLore, the optimizer). Rows run in this order; ``fixed``,
-``warm_start`` and ``dynamic`` take InRank's final rank (the sum of its final ranks over the
+``spectral``, ``warm_start`` and ``dynamic`` take InRank's final rank (the sum of its final ranks over the
 sum of full ranks), so that they are compared at the rank InRank found.
 """
 
@@ -111,8 +111,13 @@ ROWS = [
     Row("inrank", "InRank", lowrank=INRANK, changes_rank=True),
     Row(
         "fixed", "fixed rank (control)",
+        lowrank={"mode": "factorized", "init": "kaiming", "strategy": "fixed", "rank": FIXED_RANK},
+        note="the naive control: InRank's final rank from step 0, random (Kaiming) init, library defaults",
+    ),
+    Row(
+        "spectral", "fixed rank, spectral init (Kamalakara)",
         lowrank={**INRANK, "strategy": "fixed", "strategy_args": {}, "rank": FIXED_RANK},
-        note="InRank's layers, init and final rank, without growth",
+        note="InRank's settings (spectral init, factor_lr_scale 3) and final rank from step 0, without growth",
     ),
     Row("cuttlefish", "Cuttlefish", lowrank={"strategy": "cuttlefish", "frobenius_decay": 1e-4}, changes_rank=True),
     Row(
@@ -133,14 +138,15 @@ ROW_NAMES = [r.name for r in ROWS]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
-def get_row(name: str, fixed_rank: float | None = None, targets: str = "attention") -> Row:
-    """The row ``name`` on the ``targets`` layers, with InRank's final rank filled in where it is used."""
+def get_row(name: str, fixed_rank: float | None = None, scale: Scale | None = None) -> Row:
+    """The row ``name`` on the scale's target layers, with InRank's final rank filled in where it is used."""
     if name not in ROW_BY_NAME:
         raise ValueError(f"unknown row {name!r}; choose from {ROW_NAMES}.")
     row = ROW_BY_NAME[name]
     if row.lowrank is None:
         return row
-    row = dataclasses.replace(row, lowrank={**TARGETS[targets], **row.lowrank})
+    scale = scale or Scale()
+    row = dataclasses.replace(row, lowrank={**TARGETS[scale.targets], **row.lowrank})
     if FIXED_RANK not in json.dumps(row.lowrank):
         return row
     if fixed_rank is None:

@@ -144,7 +144,7 @@ def run_benchmark(
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
             status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
         else:
-            run_row(get_row(name, rank, scale.targets), scale, out, order)
+            run_row(get_row(name, rank, scale), scale, out, order)
             status = 0
         seconds = time.perf_counter() - t
         if status != 0 or not (row_dir / "metrics.json").is_file():

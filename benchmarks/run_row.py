@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--order", type=int, default=0, help="position of the row in the table")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale].replace(**parse_settings(args.set))
-    run_row(get_row(args.row, args.fixed_rank, scale.targets), scale, Path(args.out), args.order)
+    run_row(get_row(args.row, args.fixed_rank, scale), scale, Path(args.out), args.order)
 
 
 if __name__ == "__main__":

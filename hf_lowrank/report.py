@@ -297,6 +297,14 @@ def plot_final_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
 # -- the report --------------------------------------------------------------------------------
 
 
+def row_settings(row: dict[str, Any]) -> str:
+    """A row's low-rank settings in one line (``optim`` for a plain-Trainer row)."""
+    config = row.get("lowrank_config")
+    if not config:
+        return f"optim={row.get('optim')}" + (f", optim_args={row['optim_args']}" if row.get("optim_args") else "")
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
 def benchmark_markdown(run_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]], plots: list[str]) -> str:
     """The text of a benchmark's ``report.md``."""
     lines = [f"# Benchmark: {meta.get('scale', '?')} scale", ""]
@@ -310,6 +318,9 @@ def benchmark_markdown(run_dir: Path, meta: dict[str, Any], rows: list[dict[str,
     notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["Notes:", *notes, ""]
+    lines += ["Row settings (LowRankConfig, or the Trainer's optimizer for rows without one):", ""]
+    lines += [f"- {r['label']}: {row_settings(r)}" for r in rows]
+    lines.append("")
     lines += ["## Targets", "", *targets(rows), ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ def test_driver_runs_rows_and_writes_every_column(tmp_path, monkeypatch, capsys)
     fixed = read_json(tmp_path / "rows" / "fixed" / "metrics.json")
     fraction = sum(p["rank"] for p in pattern.values()) / sum(p["full_rank"] for p in pattern.values())
     assert fixed["lowrank_config"]["rank"] == pytest.approx(fraction, abs=1e-3), "fixed takes InRank's final rank"
-    assert fixed["lowrank_config"]["init"] == inrank["lowrank_config"]["init"]
+    assert fixed["lowrank_config"]["init"] == "kaiming", "the control is the naive one"
 
 
 @pytest.mark.slow
@@ -67,7 +67,7 @@ def test_one_row_in_its_own_process(tmp_path):
 
 
 def test_rows_and_scales_are_consistent():
-    assert ROW_NAMES.index("inrank") < min(ROW_NAMES.index(n) for n in ("fixed", "warm_start", "dynamic"))
+    assert ROW_NAMES.index("inrank") < min(ROW_NAMES.index(n) for n in ("fixed", "spectral", "warm_start", "dynamic"))
     assert SCALES["gpu"].bf16 and SCALES["gpu"].device == "cuda" and SCALES["cpu"].threads == 2
     with pytest.raises(ValueError, match="run the inrank row first"):
         get_row("fixed")
@@ -78,8 +78,11 @@ def test_rows_and_scales_are_consistent():
         SCALES["cpu"].replace(targets="ffn")
     # every GPT-2 row factorizes the same layers, dense included (so its wrapper is the same)
     for targets, modules in [("attention", ["attn.c_attn", "attn.c_proj"]), ("mlp", ["mlp.c_fc", "mlp.c_proj"])]:
+        scale = SCALES["cpu"].replace(targets=targets)
         for name in ("full", "inrank", "cuttlefish"):
-            assert get_row(name, targets=targets).lowrank["target_modules"] == modules
+            assert get_row(name, scale=scale).lowrank["target_modules"] == modules
+    spectral, naive = get_row("spectral", 0.2).lowrank, get_row("fixed", 0.2).lowrank
+    assert spectral["init"] == "spectral" and naive["init"] == "kaiming" and "factor_lr_scale" not in naive
     assert get_row("galore").lowrank is None
 
 
