@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file: the repository's hf_lowrank is importable without installing
+
+from hf_lowrank.files import read_json, write_json  # noqa: E402
 LAUNCHERS = ("accelerate launch", "hf-lowrank train", "python recipes/")
 
 
@@ -45,8 +48,8 @@ def needs_gpu(path: Path) -> bool:
     return not (yaml.safe_load(path.read_text()) or {}).get("use_cpu", False)
 
 
-def outcome(command: str) -> dict:
-    """What the run wrote: the output folder of the command's config (or --output_dir), and its main figures."""
+def outcome(command: str) -> tuple[dict, dict | None]:
+    """What the run wrote: its output folder and main figures, and the whole results.json (None if absent)."""
     words = shlex.split(command)
     config = next(w for w in words if w.startswith("recipes/configs/"))
     import yaml
@@ -56,11 +59,12 @@ def outcome(command: str) -> dict:
         out = words[words.index("--output_dir") + 1]
     results = ROOT / str(out) / "results.json"
     if not results.is_file():
-        return {"output_dir": out}
-    data = json.loads(results.read_text())
+        return {"output_dir": out}, None
+    data = read_json(results)
     low, full = data["lowrank"], data.get("full_rank") or {}
     keys = ("perplexity", "accuracy", "f1", "trainable_params", "tokens_per_second", "world_size")
-    return {"output_dir": out, "lowrank": {k: low[k] for k in keys if k in low}, "full_rank": {k: full[k] for k in keys if k in full}}
+    summary = {"output_dir": out, "lowrank": {k: low[k] for k in keys if k in low}, "full_rank": {k: full[k] for k in keys if k in full}}
+    return summary, data
 
 
 def _millions(n: int) -> str:
@@ -156,15 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             status = subprocess.run(shlex.split(command), cwd=ROOT, env=env).returncode
             ran = next(w for w in shlex.split(command) if w.startswith("recipes/configs/")).rpartition("/")[2]
             record = {"config": ran, "header_of": path.name, "command": command, "exit": status, "seconds": round(time.perf_counter() - start, 1)}
-            record.update(outcome(command))
+            summary, results = outcome(command)
+            record.update(summary)
             records.append(record)
-            results_file = ROOT / str(record["output_dir"]) / "results.json"
-            if status == 0 and results_file.is_file():
-                results = json.loads(results_file.read_text())
+            if status == 0 and results is not None:
                 ref_file = ROOT / "runs" / "gpt2_tiny_full" / "results.json"
                 reference = None
                 if ran.startswith("gpt2_tiny") and ran != "gpt2_tiny_full.yaml" and ref_file.is_file():
-                    reference = {"name": "gpt2_tiny_full", **json.loads(ref_file.read_text())["lowrank"]}
+                    reference = {"name": "gpt2_tiny_full", **read_json(ref_file)["lowrank"]}
                 launcher = "accelerate launch" if command.startswith("accelerate") else "hf-lowrank train"
                 world = results["lowrank"].get("world_size", 1)
                 record["header"] = {
@@ -185,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         log = ROOT / args.log
         log.parent.mkdir(parents=True, exist_ok=True)
-        tmp = log.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        tmp.replace(log)
+        write_json(log, records)
         print(f"{len(records)} entries, {failed} failed: {log}")
     return 1 if failed else 0
 
