@@ -3,47 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 from . import __version__
+from .checks import check_choice, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
 from .files import read_json, write_json
+from .hub import push_folder, resolve_file
+from .strategies import get_strategy
 
 CONFIG_NAME = "lowrank_config.json"
 
 MODES = ("dense", "factorized", "residual")
 RESIDUAL_BASES = ("model", "orthogonal")
 INITS = ("kaiming", "spectral", "spectral-ones", "zero_b")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"LowRankConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}.")
-
-
-def _check_size(name: str, value: Any, allow_none: bool = False) -> None:
-    """A rank-like value: a positive int (absolute) or a float in (0, 1] (fraction of min(in, out))."""
-    if value is None and allow_none:
-        return
-    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or (
-        isinstance(value, float) and 0.0 < value <= 1.0
-    )
-    if not ok:
-        extra = " or None" if allow_none else ""
-        raise ValueError(
-            f"LowRankConfig.{name}={value!r} is not allowed; give a positive int (absolute rank) or a float "
-            f"in (0, 1] (fraction of min(in_features, out_features)){extra}."
-        )
-
-
-def _is_number(value: Any, minimum: float, inclusive: bool = False) -> bool:
-    """A finite int or float (not a bool) above ``minimum`` (or equal, when ``inclusive``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return False
-    return value >= minimum if inclusive else value > minimum
 
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
@@ -63,23 +38,9 @@ def _rank_pattern_problem(pattern: Any) -> str | None:
         sizes = [spec.get("rank"), spec.get("capacity")]
         if spec["mode"] != "dense" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
             return f"entry {name!r} needs int rank and capacity >= 1, not {sizes}"
-        if "scaling" in spec and not _is_number(spec["scaling"], 0.0):
+        if "scaling" in spec and not is_number(spec["scaling"], 0.0):
             return f"entry {name!r} has scaling {spec['scaling']!r}, not a positive number"
     return None
-
-
-def resolve_size(value: int | float, in_features: int, out_features: int, name: str = "rank", layer: str = "") -> int:
-    """Turn a rank-like config value into an absolute rank for a layer of the given shape."""
-    full = min(in_features, out_features)
-    if isinstance(value, float):
-        return max(1, min(full, round(value * full)))
-    if value > full:
-        where = f" for layer {layer!r}" if layer else ""
-        raise ValueError(
-            f"LowRankConfig.{name}={value} is larger than min(in_features, out_features)={full}{where}; "
-            f"use a rank <= {full}, a fraction such as 0.25, or exclude the layer with exclude_modules."
-        )
-    return value
 
 
 @dataclass
@@ -188,13 +149,13 @@ class LowRankConfig:
                 )
         if self.target_modules in (None, [], ""):
             raise ValueError("LowRankConfig.target_modules is empty; name the layers to replace or use 'all-linear'.")
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("residual_base", self.residual_base, RESIDUAL_BASES)
-        _check_choice("init", self.init, INITS)
-        if not _is_number(self.init_scale, 0.0):
+        check_choice("LowRankConfig.mode", self.mode, MODES)
+        check_choice("LowRankConfig.residual_base", self.residual_base, RESIDUAL_BASES)
+        check_choice("LowRankConfig.init", self.init, INITS)
+        if not is_number(self.init_scale, 0.0):
             raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a positive number.")
-        _check_size("rank", self.rank)
-        _check_size("capacity", self.capacity, allow_none=True)
+        check_size("LowRankConfig.rank", self.rank)
+        check_size("LowRankConfig.capacity", self.capacity, allow_none=True)
         if (
             self.capacity is not None
             and type(self.capacity) is type(self.rank)
@@ -203,21 +164,17 @@ class LowRankConfig:
             raise ValueError(
                 f"LowRankConfig.capacity={self.capacity!r} is smaller than rank={self.rank!r}; capacity must be >= rank."
             )
-        if self.alpha is not None and not _is_number(self.alpha, 0.0):
+        if self.alpha is not None and not is_number(self.alpha, 0.0):
             raise ValueError(f"LowRankConfig.alpha={self.alpha!r} is not allowed; give a positive number or None.")
-        if not _is_number(self.frobenius_decay, 0.0, inclusive=True):
+        if not is_number(self.frobenius_decay, 0.0, inclusive=True):
             raise ValueError(
                 f"LowRankConfig.frobenius_decay={self.frobenius_decay!r} is not allowed; give a number >= 0."
             )
-        if not _is_number(self.factor_lr_scale, 0.0):
+        if not is_number(self.factor_lr_scale, 0.0):
             raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
             raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
-        from .strategies import REGISTRY, strategy_class
-
-        if not isinstance(self.strategy, str):  # strategy_class looks it up in a dict: a list would be a TypeError
-            raise ValueError(f"LowRankConfig.strategy={self.strategy!r} is not allowed; choose one of {sorted(REGISTRY)}.")
-        strategy_class(self.strategy).Args.from_dict(self.strategy_args)  # validates names and values
+        get_strategy(self.strategy).Args.from_dict(self.strategy_args)  # validates the name, the keys and the values
         problem = _rank_pattern_problem(self.rank_pattern)
         if problem:
             raise ValueError(
@@ -233,9 +190,7 @@ class LowRankConfig:
     @property
     def strategy_settings(self):
         """The strategy's typed settings (``strategy_args`` validated, defaults filled in)."""
-        from .strategies import strategy_class
-
-        return strategy_class(self.strategy).Args.from_dict(self.strategy_args)
+        return get_strategy(self.strategy).Args.from_dict(self.strategy_args)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
@@ -263,15 +218,11 @@ class LowRankConfig:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> "LowRankConfig":
         """Read ``lowrank_config.json`` from a folder, or from a Hub repo (downloaded on demand)."""
-        from .hub import resolve_file
-
         path = resolve_file(path_or_repo_id, CONFIG_NAME, **hub_kwargs)
         return cls.from_dict(read_json(path), source=str(path))
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
         """Upload ``lowrank_config.json`` to a Hub repo through huggingface_hub's standard upload path."""
-        from .hub import push_folder
-
         return push_folder(repo_id, self.save_pretrained, **kwargs)
 
 

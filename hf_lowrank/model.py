@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import transformers
@@ -15,7 +15,9 @@ from torch import nn
 from .config import CONFIG_NAME, LowRankConfig
 from .files import atomic_directory, read_json, read_safetensors, write_safetensors
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import LayerChange, Plan, RankStrategy, strategy_class
+from .card import push_model
+from .hub import resolve_folder
+from .strategies import LayerChange, Plan, RankStrategy, get_strategy
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -84,7 +86,7 @@ class LowRankModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.lowrank_config = config
-        self.strategy: RankStrategy = strategy_class(config.strategy)(config)
+        self.strategy: RankStrategy = get_strategy(config.strategy)(config)
         self._inject()
 
     def _inject(self) -> None:
@@ -344,8 +346,6 @@ class LowRankModel(nn.Module):
         **hub_kwargs: Any,
     ) -> "LowRankModel":
         """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors."""
-        from .hub import resolve_folder
-
         folder = resolve_folder(path_or_repo_id, **hub_kwargs)
         for needed in ("config.json", CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / needed).is_file():
@@ -376,8 +376,6 @@ class LowRankModel(nn.Module):
         ``training_summary.json`` in the folder the model was loaded from is used. ``kwargs``:
         ``commit_message``, ``private``, ``token``, ``revision``, ``create_pr``. See docs/hub.md.
         """
-        from .hub import push_model
-
         return push_model(self, repo_id, metrics=metrics, **kwargs)
 
 
@@ -390,10 +388,3 @@ def get_lowrank_model(model: nn.Module, config: LowRankConfig | None = None) -> 
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         config = LowRankConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
     return LowRankModel(model, config)
-
-
-def iter_lowrank_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLinear]]:
-    """``(name, layer)`` for every LowRankLinear inside any module (wrapped by DDP or not)."""
-    for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            yield name, module

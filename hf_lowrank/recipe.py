@@ -325,9 +325,9 @@ def coerce_lowrank(lowrank: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strategy_args_class(name: Any) -> type | None:
-    from .strategies import REGISTRY, strategy_class
+    from .strategies import REGISTRY, get_strategy
 
-    return strategy_class(name).Args if isinstance(name, str) and name in REGISTRY else None
+    return get_strategy(name).Args if isinstance(name, str) and name in REGISTRY else None
 
 
 def option_type(key: str, data: dict[str, Any]) -> Any:

@@ -33,7 +33,6 @@ from transformers.utils.generic import can_return_loss, find_labels
 
 from .config import CONFIG_NAME, LowRankConfig
 from .files import read_json, write_json
-from .layer import LowRankLinear
 from .model import WEIGHTS_NAME, LowRankModel
 from .strategies import Plan, TrainContext
 

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_lowrank import LowRankConfig, __version__
-from hf_lowrank.config import CONFIG_NAME, INITS, MODES, RESIDUAL_BASES, resolve_size
-from hf_lowrank.strategies import REGISTRY, strategy_class
+from hf_lowrank.checks import resolve_size
+from hf_lowrank.config import CONFIG_NAME, INITS, MODES, RESIDUAL_BASES
+from hf_lowrank.strategies import REGISTRY, get_strategy
 
 FIELDS = [f.name for f in dataclasses.fields(LowRankConfig)]
 
@@ -28,7 +29,7 @@ def test_defaults_are_valid_and_documented():
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
 def test_every_strategy_has_valid_defaults(strategy):
     config = LowRankConfig(strategy=strategy)
-    assert config.strategy_settings == strategy_class(strategy).Args()
+    assert config.strategy_settings == get_strategy(strategy).Args()
 
 
 @pytest.mark.parametrize(

@@ -16,13 +16,8 @@ from conftest import build, logits, randomize_adapters, sample_ids
 from safetensors.torch import load_file, save_file
 
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
-from hf_lowrank.hub import (
-    card_parameter_counts,
-    export_base_model,
-    export_peft_adapter,
-    import_peft_adapter,
-    model_card,
-)
+from hf_lowrank.card import card_parameter_counts, model_card
+from hf_lowrank.peft_interop import export_base_model, export_peft_adapter, import_peft_adapter
 
 ATOL = 1e-5
 MODEL_FILES = ["README.md", "config.json", "generation_config.json", "lowrank_config.json", "model.safetensors"]

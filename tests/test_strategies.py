@@ -7,7 +7,7 @@ import pytest
 from conftest import build
 
 from hf_lowrank import LowRankConfig, get_lowrank_model
-from hf_lowrank.strategies import TrainContext, strategy_class
+from hf_lowrank.strategies import TrainContext, get_strategy
 
 
 def wrap(strategy: str, max_steps: int = 100, lr_at=lambda s: 1.0, **kw):
@@ -44,4 +44,4 @@ def test_schedule_point_past_the_end_is_refused():
 
 def test_every_registered_strategy_loads():
     for name in ("fixed", "inrank", "cuttlefish", "warm_start", "dynamic"):
-        assert strategy_class(name).name == name
+        assert get_strategy(name).name == name

@@ -1,27 +1,22 @@
-"""Rank strategies: one module per method behind the :class:`RankStrategy` interface."""
+"""Rank strategies: one module per method behind the :class:`RankStrategy` interface.
+
+Each built-in module defines a ``RankStrategy`` subclass with a ``name``, which registers it;
+importing this package imports them all. A strategy in a user's own file registers the same
+way when its module is imported (or is named ``"module:Class"`` in a config).
+"""
 
 from __future__ import annotations
 
-import importlib
+from . import cuttlefish, dynamic, fixed, inrank, warm_start  # noqa: F401  (registers the built-ins)
+from .base import REGISTRY, LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext, get_strategy, register_strategy
 
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
-
-# name -> "module:Class"; imported on first use so that adding a method means adding a module.
-REGISTRY = {
-    "fixed": "fixed:FixedRank",
-    "inrank": "inrank:InRank",
-    "cuttlefish": "cuttlefish:Cuttlefish",
-    "warm_start": "warm_start:WarmStart",
-    "dynamic": "dynamic:DynamicRank",
-}
-
-
-def strategy_class(name: str) -> type[RankStrategy]:
-    """The strategy class registered under ``name``."""
-    if name not in REGISTRY:
-        raise ValueError(f"LowRankConfig.strategy={name!r} is not allowed; choose one of {sorted(REGISTRY)}.")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-
-
-__all__ = ["REGISTRY", "LayerChange", "Plan", "RankStrategy", "StrategyArgs", "TrainContext", "strategy_class"]
+__all__ = [
+    "REGISTRY",
+    "LayerChange",
+    "Plan",
+    "RankStrategy",
+    "StrategyArgs",
+    "TrainContext",
+    "get_strategy",
+    "register_strategy",
+]

@@ -8,14 +8,14 @@ scheduler or the model's wrappers: the trainer applies plans and keeps those in 
 from __future__ import annotations
 
 import dataclasses
-import math
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from ..config import resolve_size
+from ..checks import check_fraction, check_int, check_number, fail, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 
 if TYPE_CHECKING:
@@ -47,9 +47,15 @@ class StrategyArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # Validators over hf_lowrank.checks, naming the field as LowRankConfig.strategy_args.<name>.
+
     @staticmethod
-    def fail(name: str, value: Any, allowed: str) -> None:
-        raise ValueError(f"LowRankConfig.strategy_args.{name}={value!r} is not allowed; {allowed}.")
+    def field_name(name: str) -> str:
+        return f"LowRankConfig.strategy_args.{name}"
+
+    @classmethod
+    def fail(cls, name: str, value: Any, allowed: str) -> None:
+        fail(cls.field_name(name), value, allowed)
 
     def require(self, name: str, ok: bool, allowed: str) -> None:
         if not ok:
@@ -57,20 +63,14 @@ class StrategyArgs:
 
     def require_fraction(self, name: str, low_open: bool = True, allow_none: bool = False) -> None:
         v = getattr(self, name)
-        if v is None and allow_none:
-            return
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v if low_open else 0 <= v) and v <= 1
-        self.require(name, ok, f"give a number in {'(' if low_open else '['}0, 1]")
+        if not (v is None and allow_none):
+            check_fraction(self.field_name(name), v, low_open)
 
     def require_positive_int(self, name: str, zero_ok: bool = False) -> None:
-        v = getattr(self, name)
-        ok = isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if zero_ok else v >= 1)
-        self.require(name, ok, f"give an int >= {0 if zero_ok else 1}")
+        check_int(self.field_name(name), getattr(self, name), 0 if zero_ok else 1)
 
     def require_positive(self, name: str, zero_ok: bool = False) -> None:
-        v = getattr(self, name)
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if zero_ok else v > 0)
-        self.require(name, ok, f"give a number {'>= 0' if zero_ok else '> 0'}")
+        check_number(self.field_name(name), getattr(self, name), 0.0, inclusive=zero_ok)
 
 
 @dataclass
@@ -126,11 +126,70 @@ class TrainContext:
     tokens_per_batch: int = 2048  # tokens in one micro-batch on one process, for profiling
 
 
+REGISTRY: dict[str, type["RankStrategy"]] = {}
+
+
+def register_strategy(cls: type["RankStrategy"]) -> type["RankStrategy"]:
+    """Register ``cls`` under ``cls.name`` so ``LowRankConfig(strategy=cls.name)`` finds it.
+
+    Subclassing :class:`RankStrategy` with a ``name`` registers already; the decorator is for
+    re-registering a class (e.g. after a test replaced an entry) and reads as documentation.
+    A name taken by another class is refused, so two strategies never shadow each other.
+    """
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{cls.__qualname__}.name={name!r} is not allowed; give the strategy a non-empty str name.")
+    other = REGISTRY.get(name)
+    if other is not None and other is not cls and (other.__module__, other.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"strategy name {name!r} is taken by {other.__module__}.{other.__qualname__}; "
+            f"give {cls.__module__}.{cls.__qualname__} another name."
+        )
+    REGISTRY[name] = cls
+    return cls
+
+
+def get_strategy(name: Any) -> type["RankStrategy"]:
+    """The strategy class registered under ``name``.
+
+    ``name`` may also be ``"package.module:Class"``: the module is imported (which registers
+    the class) and the class is returned, so a recipe can use a strategy from the user's code.
+    """
+    if isinstance(name, str) and ":" in name and name not in REGISTRY:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            fail("LowRankConfig.strategy", name, f"'module:Class' must name an importable RankStrategy subclass ({e})")
+        if not (isinstance(cls, type) and issubclass(cls, RankStrategy)):
+            fail("LowRankConfig.strategy", name, "'module:Class' must name a RankStrategy subclass")
+        return cls
+    if not isinstance(name, str) or name not in REGISTRY:
+        fail(
+            "LowRankConfig.strategy",
+            name,
+            f"choose one of {sorted(REGISTRY)}, or 'module:Class' for a RankStrategy defined in your own code",
+        )
+    return REGISTRY[name]
+
+
 class RankStrategy:
-    """Base class: a fixed layout, no changes. Subclasses override what they need."""
+    """Base class: a fixed layout, no changes. Subclasses override what they need.
+
+    A subclass that sets ``name`` registers itself (see :func:`register_strategy`) and
+    declares ``changes_shapes``: whether its plans replace parameters (grow within the
+    capacity does not; truncate, to_factorized, to_dense and to_residual do). Trainers and
+    wrappers (DDP, FSDP2, torch.compile) read that flag instead of a list of names.
+    """
 
     name: ClassVar[str] = "base"
     Args: ClassVar[type[StrategyArgs]] = StrategyArgs
+    changes_shapes: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            register_strategy(cls)
 
     def __init__(self, config: "LowRankConfig"):
         self.config = config

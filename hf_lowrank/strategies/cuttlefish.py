@@ -150,6 +150,7 @@ class Cuttlefish(RankStrategy):
     """Dense until stable ranks converge, then factorize at scaled stable ranks where it pays."""
 
     name = "cuttlefish"
+    changes_shapes = True
     Args = CuttlefishArgs
 
     def __init__(self, config):

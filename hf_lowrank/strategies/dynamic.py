@@ -15,7 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ..config import resolve_size
+from ..checks import resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import condition_ratio, effective_rank, energy_fraction
 from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
@@ -100,6 +100,7 @@ class DynamicRank(RankStrategy):
     """Factorized -> dense -> frozen base plus adapter, on a schedule or on rank collapse."""
 
     name = "dynamic"
+    changes_shapes = True
     Args = DynamicArgs
 
     def __init__(self, config):

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..config import resolve_size
+from ..checks import resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import first_rank_above
 from .base import LayerChange, Plan, RankStrategy, StrategyArgs
@@ -81,6 +81,7 @@ class InRank(RankStrategy):
     """Incremental rank growth by the explained-ratio test, then a truncation to the found ranks."""
 
     name = "inrank"
+    changes_shapes = True
     Args = InRankArgs
 
     def __init__(self, config):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..config import resolve_size
+from ..checks import resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
 
@@ -38,6 +38,7 @@ class WarmStart(RankStrategy):
     """Dense until ``dense_steps``, then every layer is split at ``LowRankConfig.rank``."""
 
     name = "warm_start"
+    changes_shapes = True
     Args = WarmStartArgs
 
     def __init__(self, config):

@@ -1,0 +1,87 @@
+"""One set of validators: every bad value is reported as ``<where>.<field>=<value> ...; <fix>.``
+
+A leaf module (standard library only). Config fields, strategy settings, recipe options and
+layer sizes all raise through :func:`fail`, so every error reads the same way: the field, the
+value it had, and what to give instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NoReturn
+
+
+def fail(field: str, value: Any, fix: str) -> NoReturn:
+    """Raise ``ValueError("<field>=<value!r> is not allowed; <fix>.")``."""
+    raise ValueError(f"{field}={value!r} is not allowed; {fix.rstrip('.')}.")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any, minimum: float = -math.inf, inclusive: bool = False) -> bool:
+    """A finite int or float (not a bool) above ``minimum`` (or equal to it, when ``inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return value >= minimum if inclusive else value > minimum
+
+
+def check_choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        fail(field, value, f"choose one of {', '.join(map(repr, allowed))}")
+
+
+def check_int(field: str, value: Any, minimum: int = 1) -> None:
+    if not (is_int(value) and value >= minimum):
+        fail(field, value, f"give an int >= {minimum}")
+
+
+def check_number(field: str, value: Any, minimum: float = 0.0, inclusive: bool = False) -> None:
+    if not is_number(value, minimum, inclusive):
+        fail(field, value, f"give a finite number {'>=' if inclusive else '>'} {minimum:g}")
+
+
+def check_fraction(field: str, value: Any, low_open: bool = True) -> None:
+    """A number in (0, 1] (or [0, 1] when not ``low_open``)."""
+    ok = is_number(value) and (value > 0 if low_open else value >= 0) and value <= 1
+    if not ok:
+        fail(field, value, f"give a number in {'(' if low_open else '['}0, 1]")
+
+
+def check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        fail(field, value, "give true or false")
+
+
+def check_size(field: str, value: Any, allow_none: bool = False) -> None:
+    """A rank-like value: a positive int (absolute) or a float in (0, 1] (fraction of min(in, out))."""
+    if value is None and allow_none:
+        return
+    if not ((is_int(value) and value >= 1) or (isinstance(value, float) and 0.0 < value <= 1.0)):
+        fail(
+            field,
+            value,
+            "give a positive int (absolute rank) or a float in (0, 1] (fraction of min(in_features, out_features))"
+            + (" or None" if allow_none else ""),
+        )
+
+
+def resolve_size(value: int | float, in_features: int, out_features: int, name: str = "rank", layer: str = "") -> int:
+    """Turn a rank-like value into an absolute rank for a layer of the given shape.
+
+    A fraction is floored (at least 1), as the InRank and Cuttlefish authors size their
+    factors: ``0.5`` of an odd ``min(in, out) = 65`` is 32. An int above ``min(in, out)``
+    is an error naming the layer.
+    """
+    full = min(in_features, out_features)
+    if isinstance(value, float):
+        return max(1, min(full, math.floor(value * full + 1e-9)))
+    if value > full:
+        where = f" for layer {layer!r}" if layer else ""
+        raise ValueError(
+            f"LowRankConfig.{name}={value} is larger than min(in_features, out_features)={full}{where}; "
+            f"use a rank <= {full}, a fraction such as 0.25, or exclude the layer with exclude_modules."
+        )
+    return value
