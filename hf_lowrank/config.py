@@ -76,6 +76,15 @@ class LowRankConfig:
             "'orthogonal' replaces it by a fixed orthogonal matrix (original InRank, training from scratch)."
         },
     )
+    modules_to_save: Union[list[str], None] = field(
+        default=None,
+        metadata={
+            "help": "Modules outside the low-rank layers that train when every layer starts in residual mode "
+            "(fine-tuning: then only the adapters train, as in PEFT). Names or name suffixes, e.g. ['score']; "
+            "None trains the model's classification head, if it has one. Ignored in dense and factorized "
+            "modes, where the whole model trains."
+        },
+    )
     init: str = field(
         default="kaiming",
         metadata={
@@ -147,6 +156,10 @@ class LowRankConfig:
                     f"LowRankConfig.{name}={value!r} is not allowed; give a list of module names, a regex string, "
                     f"{'or all-linear' if name == 'target_modules' else 'or None'}."
                 )
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
+        ):
+            fail("LowRankConfig.modules_to_save", self.modules_to_save, "give a list of module names or None")
         if self.target_modules in (None, [], ""):
             raise ValueError("LowRankConfig.target_modules is empty; name the layers to replace or use 'all-linear'.")
         check_choice("LowRankConfig.mode", self.mode, MODES)
