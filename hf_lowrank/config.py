@@ -18,7 +18,7 @@ CONFIG_NAME = "lowrank_config.json"
 
 MODES = ("dense", "factorized", "residual")
 RESIDUAL_BASES = ("model", "orthogonal")
-INITS = ("kaiming", "spectral", "spectral-ones", "zero_b")
+INITS = ("auto", "kaiming", "spectral", "spectral-ones", "zero_b")
 
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
@@ -86,11 +86,13 @@ class LowRankConfig:
         },
     )
     init: str = field(
-        default="kaiming",
+        default="auto",
         metadata={
-            "help": "Factor init in factorized mode: 'kaiming' (both factors Kaiming-uniform, like nn.Linear), "
-            "'spectral' (balanced SVD split of the layer's dense init), 'spectral-ones' (same, singular values "
-            "set to 1) or 'zero_b' (B = 0). Residual adapters always start with B = 0."
+            "help": "Factor init in factorized mode: 'auto' ('spectral' for a model loaded with from_pretrained, "
+            "so factorizing starts from the pretrained weights; 'kaiming' for a model built from a config), "
+            "'kaiming' (both factors Kaiming-uniform, like nn.Linear), 'spectral' (balanced SVD split of the "
+            "layer's current weight), 'spectral-ones' (same, singular values set to 1) or 'zero_b' (B = 0). "
+            "Residual adapters always start with B = 0."
         },
     )
     init_scale: float = field(default=1.0, metadata={"help": "Multiplier applied to both freshly initialised factors."})

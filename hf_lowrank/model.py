@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,12 +15,14 @@ import torch
 import transformers
 from torch import nn
 
+from . import distributed, optim
+from .card import push_model
+from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
 from .files import atomic_directory, read_json, read_safetensors, write_safetensors
-from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .card import push_model
 from .hub import resolve_folder
-from .strategies import LayerChange, Plan, RankStrategy, get_strategy
+from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
+from .strategies import LayerChange, Plan, RankStrategy, TrainContext, get_strategy
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -74,12 +79,33 @@ def _check_not_tied(model: nn.Module, names: list[str]) -> None:
             )
 
 
+class _Forward:
+    """``LowRankModel.forward`` bound to one model, carrying the wrapped model's signature.
+
+    ``inspect.signature(model.forward)`` then lists the wrapped model's arguments
+    (``input_ids``, ``attention_mask``, ...), as it does for a PEFT model, so the plain
+    Trainer keeps the right dataset columns.
+    """
+
+    def __init__(self, owner: "LowRankModel"):
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.owner).forward(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.owner.base_model.forward)
+
+
 class LowRankModel(nn.Module):
     """A transformers model whose target layers are :class:`LowRankLinear`.
 
     Attribute access falls through to the wrapped model (``config``, ``generate``, ...), as in
-    PEFT's ``PeftModel``. The strategy named by the config is built here and owned by the
-    trainer during training.
+    PEFT's ``PeftModel``, and ``forward`` has the wrapped model's signature (the Trainer reads
+    it to pick dataset columns). The strategy named by the config is built here; any training
+    loop drives it with :meth:`bind_training` once and :meth:`update_ranks` after every
+    optimizer step (``LowRankTrainer`` does both).
     """
 
     def __init__(self, model: nn.Module, config: LowRankConfig):
@@ -87,7 +113,15 @@ class LowRankModel(nn.Module):
         self.base_model = model
         self.lowrank_config = config
         self.strategy: RankStrategy = get_strategy(config.strategy)(config)
+        self.lr_adjust = optim.LrAdjust()
+        self.plan_history: list[dict[str, Any]] = []
+        self.decision_seconds = 0.0
+        self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
+        self._bound = False
+        self._frobenius_hooked: set[int] = set()
+        self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
+        self._freeze_for_adapters()
 
     def _inject(self) -> None:
         config = self.lowrank_config
@@ -112,15 +146,81 @@ class LowRankModel(nn.Module):
                 self._initialise(name, layer)
             parent, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent), child, layer)
+        self._report_init()
+
+    def _init_kind(self) -> str:
+        """``init`` with ``"auto"`` resolved: the SVD split of pretrained weights, Kaiming for a model built from a config."""
+        c = self.lowrank_config
+        if c.init != "auto":
+            return c.init
+        return "spectral" if c.base_model_name_or_path else "kaiming"
 
     def _initialise(self, name: str, layer: LowRankLinear) -> None:
         c = self.lowrank_config
         spec = self.strategy.initial_spec(name, layer)
         if spec.mode == "factorized":
-            layer.init_factorized(spec.rank, spec.capacity, init=c.init, init_scale=c.init_scale)
+            before = layer.dense_weight() if c.base_model_name_or_path else None
+            layer.init_factorized(spec.rank, spec.capacity, init=self._init_kind(), init_scale=c.init_scale)
+            if before is not None:
+                change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
+                self.init_report[name] = float(change)
         elif spec.mode == "residual":
             layer.to_residual(spec.rank, spec.capacity, base=c.residual_base, init_scale=c.init_scale)
             layer.scaling = spec.scaling
+
+    def _report_init(self) -> None:
+        """Warn when factorizing pretrained weights changed the model's function (a truncation cannot keep it)."""
+        if not self.init_report:
+            return
+        worst = max(self.init_report, key=self.init_report.get)
+        if self.init_report[worst] > 1e-3:
+            mean = sum(self.init_report.values()) / len(self.init_report)
+            warnings.warn(
+                f"factorizing {len(self.init_report)} pretrained layers changed their weights by {100 * mean:.1f}% on "
+                f"average (relative Frobenius norm; worst {worst!r}: {100 * self.init_report[worst]:.1f}%), so the "
+                "model's outputs change before training. To fine-tune with the pretrained function kept exactly, use "
+                "mode='residual' (frozen W plus a low-rank adapter); see LowRankModel.init_report per layer.",
+                stacklevel=4,
+            )
+
+    def _freeze_for_adapters(self) -> None:
+        """Residual mode over the wrapped weights is fine-tuning: only adapters and ``modules_to_save`` train.
+
+        Training from scratch (dense, factorized, or residual over a fresh orthogonal base) trains
+        the whole model.
+        """
+        c = self.lowrank_config
+        layers = self.lowrank_layers()
+        if c.residual_base != "model" or not layers or any(layer.mode != "residual" for layer in layers.values()):
+            return
+        keep = self.modules_to_save()
+        for name, p in self.base_model.named_parameters():
+            owner = name.rpartition(".")[0]
+            in_kept = any(owner == k or owner.startswith(k + ".") for k in keep)
+            adapter = owner in layers and optim.is_factor(name)
+            p.requires_grad_(adapter or in_kept)
+
+    def modules_to_save(self) -> list[str]:
+        """Full names of the modules that train beside the adapters in residual mode.
+
+        ``LowRankConfig.modules_to_save`` entries match a module name or its last parts; None
+        means the model's classification head (PEFT's head names), if it has one.
+        """
+        names = [n for n, _ in self.base_model.named_modules() if n]
+        wanted = self.lowrank_config.modules_to_save
+        if wanted is None:
+            from peft.utils.constants import SEQ_CLS_HEAD_NAMES  # imported here: peft is slow to import
+
+            heads = set(SEQ_CLS_HEAD_NAMES) | {"qa_outputs"}
+            return [n for n in names if n in heads]
+        found = [n for n in names if any(n == w or n.endswith("." + w) for w in wanted)]
+        missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+        if missing:
+            raise ValueError(
+                f"LowRankConfig.modules_to_save={wanted!r}: {missing} name no module of {type(self.base_model).__name__}; "
+                f"top-level modules are {sorted({n.split('.')[0] for n in names})}."
+            )
+        return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 
     # -- delegation ----------------------------------------------------------------------------
 
@@ -132,8 +232,23 @@ class LowRankModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
+        if labels is not None:
+            kwargs["labels"] = labels
+        if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
+            raise RuntimeError(
+                f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
+                f"{self.lowrank_config.frobenius_decay}) acts during training, but nothing drives it: train with "
+                "hf_lowrank.LowRankTrainer, add hf_lowrank.LowRankCallback() to a transformers.Trainer, or in your own "
+                "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
+                "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
+            )
         return self.base_model(*args, **kwargs)
+
+    def _needs_driver(self) -> bool:
+        """Whether training without bind_training would silently skip something the config asks for."""
+        return not self.strategy.is_final() or self.lowrank_config.frobenius_decay > 0
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -142,6 +257,129 @@ class LowRankModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with low-rank layers inside)."""
         return self.base_model
+
+    # -- driving the strategy from any training loop --------------------------------------------
+
+    def bind_training(
+        self,
+        max_steps: int,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        *,
+        warn: Any = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        tokens_per_batch: int = 2048,
+    ) -> None:
+        """Tell the strategy how long the run is; call once before the first step (and again after a resume).
+
+        ``lr_scheduler`` lets schedule-aware strategies (dynamic) read the learning rate at any
+        step. Given an ``optimizer``, Frobenius decay (``LowRankConfig.frobenius_decay``) is
+        hooked into it. Schedule points that fall outside the run raise here, before training.
+        """
+        check_int("max_steps", max_steps, 1)
+        sched = optim.inner_scheduler(lr_scheduler)
+        base = list(getattr(sched, "base_lrs", None) or [1.0])
+        lambdas = getattr(sched, "lr_lambdas", None)
+
+        def lr_at(step: int) -> float:
+            return base[0] * lambdas[0](step) if lambdas else base[0]
+
+        rank, _ = distributed.world()
+
+        def warn_once(message: str) -> None:
+            if rank == 0:
+                warnings.warn(message, stacklevel=3)
+
+        if device is None:
+            device = str(next(self.parameters()).device)
+        self.strategy.bind(
+            TrainContext(
+                max_steps=max_steps, lr_at=lr_at, warn=warn or warn_once, device=device, dtype=dtype,
+                tokens_per_batch=tokens_per_batch,
+            )
+        )
+        c = self.lowrank_config
+        if optimizer is not None and c.frobenius_decay > 0:
+            inner = optim.inner_optimizer(optimizer)
+            if id(inner) not in self._frobenius_hooked:
+                optim.add_frobenius_decay(inner, self.lowrank_layers, c.frobenius_decay)
+                self._frobenius_hooked.add(id(inner))
+        elif c.frobenius_decay > 0:
+            raise ValueError(
+                f"LowRankConfig.frobenius_decay={c.frobenius_decay} needs the optimizer: call "
+                "bind_training(max_steps, optimizer, lr_scheduler) so the decay is applied at every step."
+            )
+        if optimizer is not None and c.factor_lr_scale != 1.0 and not any(
+            g.get("lowrank_factors") for g in optim.inner_optimizer(optimizer).param_groups
+        ):
+            raise ValueError(
+                f"LowRankConfig.factor_lr_scale={c.factor_lr_scale} needs factor parameter groups: build the optimizer "
+                "from hf_lowrank.optim.param_groups(model, lr, weight_decay)."
+            )
+        self._bound = True
+
+    def update_ranks(self, step: int, optimizer: Any = None, lr_scheduler: Any = None) -> Plan | None:
+        """Run the strategy after optimizer step ``step`` (1-based) and apply what it plans.
+
+        Call it after ``optimizer.step()`` and ``lr_scheduler.step()``, every step. Under
+        ``torch.distributed`` process 0 decides and every process applies the same plan. When
+        parameters are replaced, ``optimizer`` is regrouped onto the live ones (survivors keep
+        their state); a plan's learning-rate factor and re-warm act on ``optimizer`` and
+        ``lr_scheduler``. Returns the plan applied, or None. A DDP wrapper must be rebuilt by
+        the caller when ``plan.changes_shapes`` (see ``hf_lowrank.distributed.rewrap_ddp``).
+        """
+        if not self._bound:
+            raise RuntimeError("call model.bind_training(max_steps, optimizer, lr_scheduler) before update_ranks.")
+        plan = None
+        if self.strategy.due(step):
+            start = time.perf_counter()
+            layers = self.lowrank_layers()
+            payload, state = distributed.decide_on_rank0(
+                lambda: (lambda p: p.to_dict() if p else None)(self.strategy.step(step, layers)),
+                self.strategy.state_dict,
+            )
+            if distributed.world()[0] != 0:
+                self.strategy.load_state_dict(state)
+            plan = Plan.from_dict(payload) if payload else None
+            if plan:
+                self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            self.decision_seconds += time.perf_counter() - start
+        self.lr_adjust.apply_rewarm(optimizer, step)
+        return plan
+
+    def lowrank_state_dict(self) -> dict[str, Any]:
+        """Everything besides tensors that resuming needs: strategy state, lr adjustments, plan history, layout."""
+        return {
+            "strategy": self.lowrank_config.strategy,
+            "strategy_state": self.strategy.state_dict(),
+            **self.lr_adjust.state_dict(),
+            "plan_history": self.plan_history,
+            "decision_seconds": self.decision_seconds,
+            "rank_pattern": self.rank_pattern(),
+        }
+
+    def load_lowrank_state_dict(self, state: dict[str, Any], source: str = "state") -> None:
+        """Restore :meth:`lowrank_state_dict` (the layout must already match; see :meth:`apply_rank_pattern`)."""
+        keys = ("strategy", "strategy_state", "lr_factor", "rewarm", "plan_history", "decision_seconds")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{source}: not a low-rank training state (needs keys {list(keys)}, has {have}); "
+                "it is written with every LowRankTrainer checkpoint, so the checkpoint is incomplete or edited."
+            )
+        if state["strategy"] != self.lowrank_config.strategy:
+            raise ValueError(
+                f"{source}: checkpoint was trained with strategy {state['strategy']!r}, "
+                f"this run uses {self.lowrank_config.strategy!r}."
+            )
+        try:
+            self.strategy.load_state_dict(state["strategy_state"])
+            self.lr_adjust.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: malformed strategy_state or lr adjustment ({type(e).__name__}: {e}).") from e
+        self.plan_history = list(state["plan_history"])
+        self.decision_seconds = float(state["decision_seconds"])
 
     # -- layers and reporting ------------------------------------------------------------------
 
@@ -168,20 +406,35 @@ class LowRankModel(nn.Module):
         for name, spec in pattern.items():
             layers[name].set_layout(LayerSpec(**spec))
 
-    def apply_plan(self, plan: Plan) -> list[str]:
-        """Carry out a strategy's plan on the layers (optimizer state is the trainer's business).
+    def apply_plan(
+        self, plan: Plan, step: int | None = None, optimizer: Any = None, lr_scheduler: Any = None
+    ) -> list[str]:
+        """Carry out a plan on the layers and bring ``optimizer`` / ``lr_scheduler`` in step.
 
-        A transition whose SVD fails (``torch.linalg.LinAlgError``, e.g. non-finite factors)
-        leaves its layer as it was: the SVD comes before any parameter is replaced. The other
-        changes still apply; the skipped ones are returned as messages for the caller to warn.
+        A transition whose SVD fails (``torch.linalg.LinAlgError``: it raised, or gave
+        non-finite factors) leaves its layer as it was: the SVD comes before any parameter is
+        replaced. The other changes still apply; the skipped ones are warned and returned.
         """
         layers = self.lowrank_layers()
+        before = dict(self.named_parameters())
         skipped = []
         for change in plan.changes:
             try:
                 self._apply_change(layers[change.layer], change)
             except torch.linalg.LinAlgError as e:
                 skipped.append(f"{change.op} of {change.layer} skipped: its SVD failed ({e}); the layer is left as it was.")
+        after = dict(self.named_parameters())
+        replaced = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
+        if replaced and optimizer is not None:
+            frob = self.lowrank_config.frobenius_decay > 0
+            optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim._decays(n, p, frob))
+        if plan.lr_factor != 1.0:
+            self.lr_adjust.scale(optimizer, lr_scheduler, plan.lr_factor)
+        if plan.rewarm_steps > 0 and step is not None:
+            self.lr_adjust.start_rewarm(step, plan.rewarm_steps)
+        self.plan_history.append({"step": step, **plan.to_dict(), "skipped": skipped})
+        for message in skipped:
+            warnings.warn(message, stacklevel=2)
         return skipped
 
     @staticmethod
@@ -247,8 +500,12 @@ class LowRankModel(nn.Module):
         return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:
-        """Print the summary table (PEFT's name for it)."""
-        print(self.summary())
+        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table)."""
+        counts = self.parameter_counts()
+        print(
+            f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
+            f"trainable%: {100 * counts['trainable'] / max(1, counts['total']):.4f} || rank fraction: {self.rank_fraction():.3f}"
+        )
 
     # -- conversion ----------------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def test_bad_field_messages_say_what_is_allowed():
         LowRankConfig(strategy_args={"unknown": 1})
     with pytest.raises(ValueError, match=r"LowRankConfig\.strategy_args\.threshold=2\.0"):
         LowRankConfig(strategy="inrank", strategy_args={"threshold": 2.0})
-    with pytest.raises(ValueError, match=r"choose one of \['cuttlefish', 'dynamic', 'fixed', 'inrank', 'warm_start'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \[.*'cuttlefish', 'dynamic', 'fixed', 'inrank', .*'warm_start'\]"):
         LowRankConfig(strategy="nope")
 
 

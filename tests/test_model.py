@@ -220,7 +220,12 @@ def test_parameter_counts_follow_the_formula(family, mode):
         trainable, total = layer_formula(layer, bias)
         expected_trainable += trainable
         expected_total += total
-    assert model.parameter_counts() == {"trainable": untouched + expected_trainable, "total": untouched + expected_total}
+    # Residual mode over the model's weights is fine-tuning: everything but the adapters is frozen.
+    frozen = mode == "residual"
+    assert model.parameter_counts() == {
+        "trainable": (0 if frozen else untouched) + expected_trainable,
+        "total": untouched + expected_total,
+    }
     if mode == "factorized_cap":  # concretely: every layer holds 8 * (in + out) + bias
         assert all(layer.capacity == 8 for layer in model.lowrank_layers().values())
     report = model.layer_report()

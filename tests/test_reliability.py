@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_lowrank
 import hf_lowrank.layer
-from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
+from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
 from hf_lowrank.files import atomic_directory, read_json, write_json, write_safetensors
 from hf_lowrank.layer import LowRankLinear
 from hf_lowrank.strategies import REGISTRY, LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
@@ -366,7 +366,7 @@ def test_a_long_run_of_rank_changes_keeps_memory_flat(tmp_path, monkeypatch):
             if state.global_step not in (1, first, steps):
                 return
             gc.collect()
-            opt = trainer._inner_optimizer()
+            opt = optim.inner_optimizer(trainer.optimizer)
             model = trainer.model
             measured[state.global_step] = {
                 "rss_mb": round(rss_mb(), 1),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers_train import TokenDataset, build_trainer, run
 
-from hf_lowrank import LowRankConfig
+from hf_lowrank import LowRankConfig, optim
 from hf_lowrank.strategies import LayerChange, Plan
 
 VARIANTS = {
@@ -82,7 +82,7 @@ def fixed_batch_loss(model) -> torch.Tensor:
 
 def moments(trainer) -> dict:
     """``{parameter: (state dict, its tensors, their values)}`` of every parameter with optimizer state."""
-    opt = trainer._inner_optimizer()
+    opt = optim.inner_optimizer(trainer.optimizer)
     return {p: (s, {k: v for k, v in s.items()}, {k: v.clone() for k, v in s.items()}) for p, s in opt.state.items()}
 
 
@@ -97,7 +97,7 @@ def test_growth_keeps_the_loss_and_the_optimizer_state(trained):
     # Newly active components have B = 0: the function is the same up to summation order.
     torch.testing.assert_close(fixed_batch_loss(trained.model), before_loss, rtol=1e-6, atol=1e-7)
     assert all(p is params[n] for n, p in trained.model.named_parameters()), "growing replaces no parameter"
-    opt = trained._inner_optimizer()
+    opt = optim.inner_optimizer(trained.optimizer)
     assert set(opt.state) == set(before)
     for p, (state, tensors, values) in before.items():
         assert opt.state[p] is state and all(opt.state[p][k] is t for k, t in tensors.items()), "same tensors"
@@ -113,7 +113,7 @@ def test_truncation_resets_only_the_truncated_factors(trained):
     untouched = [p for p in before if id(p) not in old]
     trained.apply_plan(Plan([LayerChange(name, "truncate", rank=3)]), step=trained.state.global_step)
 
-    opt = trained._inner_optimizer()
+    opt = optim.inner_optimizer(trained.optimizer)
     assert layer.rank == layer.capacity == 3
     assert not {id(p) for p in opt.state} & old, "the old factors' moments are dropped"
     assert layer.A not in opt.state and layer.B not in opt.state, "the new factors start with no moments"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from hf_lowrank import LowRankConfig, get_lowrank_model
+from hf_lowrank import LowRankConfig, get_lowrank_model, optim
 from hf_lowrank.spectral import explained_ratio
 from hf_lowrank.strategies import LayerChange, Plan, TrainContext
 from hf_lowrank.strategies.inrank import InRank
@@ -57,7 +57,7 @@ def make_trainer(tmp_path, lowrank: dict | None = None, model=None, **args):
 
 
 def check_optimizer_matches_model(trainer):
-    opt = trainer._inner_optimizer()
+    opt = optim.inner_optimizer(trainer.optimizer)
     in_groups = [p for g in opt.param_groups for p in g["params"]]
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert len(in_groups) == len({id(p) for p in in_groups}), "a parameter sits in two groups"
@@ -121,6 +121,7 @@ def test_frobenius_decay_gradient(tmp_path):
     lam = 0.01
     trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "rank": 8, "frobenius_decay": lam})
     trainer.create_optimizer()
+    trainer.model.bind_training(10, trainer.optimizer)
     layer = next(iter(trainer.model.lowrank_layers().values()))
     decay = set(trainer.get_decay_parameter_names(trainer.model))
     assert not any(n.endswith((".A", ".B")) for n in decay), "factors leave plain weight decay"
@@ -129,7 +130,8 @@ def test_frobenius_decay_gradient(tmp_path):
     (lam / 2 * (B @ A).pow(2).sum()).backward()
     for p in trainer.model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
-    trainer._frobenius_decay(trainer.optimizer, (), {})
+    for hook in optim.inner_optimizer(trainer.optimizer)._optimizer_step_pre_hooks.values():
+        hook(trainer.optimizer, (), {})  # the non-finite guard (nothing to do here) and the decay
     torch.testing.assert_close(layer.B.grad, B.grad)
     torch.testing.assert_close(layer.A.grad, A.grad)
 
@@ -137,7 +139,7 @@ def test_frobenius_decay_gradient(tmp_path):
 def test_plan_regroups_optimizer_and_scales_lr(tmp_path):
     trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "mode": "dense"}, max_steps=2)
     trainer.train()
-    opt = trainer._inner_optimizer()
+    opt = optim.inner_optimizer(trainer.optimizer)
     kept = trainer.model.base_model.transformer.wte.weight
     kept_state = opt.state[kept]["exp_avg"].clone()
     lr_before = [g["lr"] for g in opt.param_groups]
@@ -148,9 +150,9 @@ def test_plan_regroups_optimizer_and_scales_lr(tmp_path):
     assert layer.A not in opt.state and layer.B not in opt.state, "new factors start with fresh state"
     torch.testing.assert_close(opt.state[kept]["exp_avg"], kept_state)
     assert [g["lr"] for g in opt.param_groups] == [lr / 2 for lr in lr_before]
-    sched = trainer._inner_scheduler()
+    sched = optim.inner_scheduler(trainer.lr_scheduler)
     assert sched.base_lrs == [3e-3 / 2] * len(sched.base_lrs)
-    assert trainer.lr_factor == 0.5
+    assert trainer.model.lr_adjust.factor == 0.5
 
 
 def test_rewarm_ramps_learning_rate(tmp_path):
@@ -159,10 +161,10 @@ def test_rewarm_ramps_learning_rate(tmp_path):
     trainer.apply_plan(Plan(rewarm_steps=4), step=2)
     lrs = []
     for step in range(2, 8):
-        for g in trainer._inner_optimizer().param_groups:
+        for g in optim.inner_optimizer(trainer.optimizer).param_groups:
             g["lr"] = 3e-3  # what a constant schedule sets before on_step_end
-        trainer._apply_rewarm(step)
-        lrs.append(trainer._inner_optimizer().param_groups[0]["lr"])
+        trainer.model.lr_adjust.apply_rewarm(trainer.optimizer, step)
+        lrs.append(optim.inner_optimizer(trainer.optimizer).param_groups[0]["lr"])
     assert lrs == pytest.approx([3e-3 * k / 5 for k in (1, 2, 3, 4)] + [3e-3, 3e-3])
 
 

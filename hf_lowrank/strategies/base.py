@@ -101,6 +101,11 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self.changes) or self.lr_factor != 1.0 or self.rewarm_steps > 0
 
+    @property
+    def changes_shapes(self) -> bool:
+        """Whether applying it replaces parameters (every op but ``grow``, which only moves the active rank)."""
+        return any(c.op != "grow" for c in self.changes)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "changes": [dataclasses.asdict(c) for c in self.changes],
