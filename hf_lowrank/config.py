@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -162,6 +163,13 @@ class LowRankConfig:
             isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
         ):
             fail("LowRankConfig.modules_to_save", self.modules_to_save, "give a list of module names or None")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() != "all-linear":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    fail(f"LowRankConfig.{name}", value, f"a string is a regex matched against full module names and this one does not compile ({e}); give a list of names to match them literally")
         if self.target_modules in (None, [], ""):
             raise ValueError("LowRankConfig.target_modules is empty; name the layers to replace or use 'all-linear'.")
         check_choice("LowRankConfig.mode", self.mode, MODES)

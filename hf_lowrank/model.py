@@ -25,6 +25,18 @@ from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
 from .strategies import LayerChange, Plan, RankStrategy, TrainContext, get_strategy
 
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_WEIGHTS_NAME = "lowrank_adapter.safetensors"  # adapter-only save: factors, modules_to_save, trainable tensors
+BASE_FINGERPRINT_NAME = "lowrank_base.json"  # adapter-only save: fingerprints of the tensors the base supplies
+MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
+# A config.json field transformers checks before reading any weight: a saved LowRankModel sets it to a
+# text that is no weights file name, so AutoModel*.from_pretrained fails with that text instead of
+# loading the model with random weights where the low-rank layers are.
+TRANSFORMERS_GUARD = "transformers_weights"
+TRANSFORMERS_REFUSAL = (
+    "this folder holds an hf_lowrank LowRankModel, whose low-rank layers transformers cannot load: load it with "
+    "hf_lowrank.LowRankModel.from_pretrained(folder), or merge it into a plain transformers model first with "
+    "LowRankModel.from_pretrained(folder).merge_and_unload().save_pretrained(out)"
+)
 
 
 def _all_linear(model: nn.Module) -> list[str]:
@@ -543,44 +555,143 @@ class LowRankModel(nn.Module):
             tensors[name] = tensor
         return tensors, aliases
 
-    def save_pretrained(self, save_directory: str | os.PathLike, trim: bool = True, is_main_process: bool = True) -> None:
-        """Write ``config.json``, ``lowrank_config.json`` (with the rank pattern) and ``model.safetensors``.
+    def _adapter_keys(self) -> set[str]:
+        """State-dict keys an adapter-only save holds: the factors, ``modules_to_save`` and every trainable tensor."""
+        keys = {n for n, p in self.base_model.named_parameters(remove_duplicate=False) if p.requires_grad}
+        for name, layer in self.lowrank_layers().items():
+            keys.update(f"{name}.{leaf}" for leaf in ("A", "B") if getattr(layer, leaf) is not None)
+        kept = tuple(f"{m}." for m in self.modules_to_save())
+        keys.update(k for k in self.base_model.state_dict() if k.startswith(kept))
+        return keys
+
+    def _split_adapter(
+        self, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+        """The adapter part of a save, and the fingerprints of the frozen rest, which the base must supply on loading."""
+        from .files import fingerprint
+
+        frozen_w0 = [n for n, layer in self.lowrank_layers().items() if layer.mode == "residual"]
+        if frozen_w0 and self.lowrank_config.residual_base == "orthogonal":
+            raise ValueError(
+                f"save_pretrained(adapter_only=True): LowRankConfig.residual_base='orthogonal' made the frozen W0 of "
+                f"{frozen_w0[0]!r} (and {len(frozen_w0) - 1} more) a random orthogonal matrix that no base model "
+                "holds; save the full model (adapter_only=False)."
+            )
+        keep = self._adapter_keys()
+        state = self.base_model.state_dict()
+        saved = {k: v for k, v in tensors.items() if k in keep}
+        saved_aliases = {}
+        for alias, source in aliases.items():
+            if alias in keep and source in saved:
+                saved_aliases[alias] = source
+            elif alias in keep:  # tied to a frozen tensor: the kept name carries its own copy
+                saved[alias] = state[alias]
+        hashes: dict[tuple, str] = {}  # tied tensors are hashed once
+        prints = {}
+        for name in sorted(set(state) - keep):
+            t = state[name]
+            key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+            if key not in hashes:
+                hashes[key] = fingerprint(t)
+            prints[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": hashes[key]}
+        dtype = next((p.dtype for p in self.base_model.parameters() if p.is_floating_point()), torch.float32)
+        return saved, saved_aliases, {"dtype": str(dtype).removeprefix("torch."), "tensors": prints}
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        trim: bool = True,
+        is_main_process: bool = True,
+        adapter_only: bool = False,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
+        safe_serialization: bool = True,
+    ) -> None:
+        """Write ``config.json``, ``lowrank_config.json`` (with the rank pattern) and the tensors as safetensors.
 
         The folder is written next to ``save_directory`` and renamed into place, so a crash
         leaves the previous contents intact. ``trim`` slices factors to the active rank (the
         saved model then has capacity = rank); checkpoints for resuming keep the capacity.
+        Tensors go to ``model.safetensors``, or to shards with ``model.safetensors.index.json``
+        once they exceed ``max_shard_size`` (an int in bytes or a string such as ``"5GB"``), as
+        transformers writes them. ``safe_serialization`` must stay True: nothing is pickled.
+
+        ``adapter_only`` writes, instead, ``lowrank_adapter.safetensors`` with only the factors,
+        ``modules_to_save`` and trainable tensors, and ``lowrank_base.json`` with fingerprints
+        of everything else, which :meth:`from_pretrained` takes from the base model
+        (``LowRankConfig.base_model_name_or_path``, or ``base_model=``) and checks. The
+        ``config.json`` written makes transformers' own loaders refuse the folder with a message
+        pointing here, instead of loading it with random weights.
         """
+        from .checks import check_bool, fail
+        from .files import check_shard_size, write_json, write_weights
+
+        check_bool("save_pretrained.trim", trim)
+        check_bool("save_pretrained.adapter_only", adapter_only)
+        check_shard_size("save_pretrained.max_shard_size", max_shard_size)
+        if safe_serialization is not True:
+            fail(
+                "save_pretrained.safe_serialization", safe_serialization,
+                "hf_lowrank writes safetensors only and never pickles (loading one could run code); leave it True",
+            )
         if not is_main_process:
             return
         config = LowRankConfig.from_dict({**self.lowrank_config.to_dict(), "rank_pattern": self.rank_pattern(trim=trim)})
         tensors, aliases = self.state_dict_for_save(trim=trim)
+        base = None
+        if adapter_only:
+            tensors, aliases, base = self._split_adapter(tensors, aliases)
         self.base_model.config.architectures = [type(self.base_model).__name__]
         with atomic_directory(save_directory) as tmp:
             self.base_model.config.save_pretrained(tmp)
+            # transformers validates this field before reading any weight, so its loaders fail with our text
+            write_json(tmp / "config.json", {**read_json(tmp / "config.json"), TRANSFORMERS_GUARD: TRANSFORMERS_REFUSAL})
             if getattr(self.base_model, "generation_config", None) is not None and self.base_model.can_generate():
                 self.base_model.generation_config.save_pretrained(tmp)
             config.save_pretrained(tmp)
-            write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+            metadata = {"format": "pt", "aliases": json.dumps(aliases)}
+            write_weights(tmp, tensors, ADAPTER_WEIGHTS_NAME if adapter_only else WEIGHTS_NAME, metadata, max_shard_size)
+            if base is not None:
+                write_json(tmp / BASE_FINGERPRINT_NAME, base)
             extra = Path(save_directory)
-            if extra.is_dir():  # keep files others wrote there (trainer state, tokenizer, optimizer)
+            if extra.is_dir():  # keep files others wrote there (trainer state, tokenizer, optimizer), not old weights
                 for f in extra.iterdir():
-                    if not (tmp / f.name).exists():
+                    if not (tmp / f.name).exists() and not self._is_weights_file(f.name):
                         os.replace(f, tmp / f.name)
 
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Load ``model.safetensors`` whose shapes match the current rank pattern, strictly."""
-        path = Path(path)
-        tensors = read_safetensors(path)
-        from safetensors import safe_open
+    @staticmethod
+    def _is_weights_file(name: str) -> bool:
+        """Whether ``name`` is weights this class writes (one file, shards, index, base fingerprints), which a new save replaces."""
+        stem = name.split(".", 1)[0].split("-", 1)[0]  # model-00001-of-00002.safetensors -> model
+        weights = stem in ("model", "lowrank_adapter") and name.endswith((".safetensors", ".safetensors.index.json"))
+        return weights or name == BASE_FINGERPRINT_NAME
 
-        with safe_open(str(path), framework="pt") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        for alias, source in aliases.items():
-            if source not in tensors:
-                raise ValueError(f"{path}: tensor {alias!r} aliases {source!r}, which the file does not hold.")
-            tensors[alias] = tensors[source]
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load saved tensors whose shapes match the current rank pattern, strictly.
+
+        ``path`` is a saved folder or its ``model.safetensors`` (a sharded checkpoint is read
+        through its index). An adapter-only folder (``lowrank_adapter.safetensors``) loads its
+        tensors over the model, whose other tensors must match ``lowrank_base.json``. Factors
+        past a layer's active rank must have ``B = 0`` (the layer's invariant).
+        """
+        from .files import metadata_json, read_weights, weight_files
+
+        path = Path(path)
+        folder, names = (path, (WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)) if path.is_dir() else (path.parent, (path.name,))
+        files, name = next(((f, n) for n in names if (f := weight_files(folder, n))), (None, names[0]))
+        if files is None:
+            raise FileNotFoundError(f"{folder / name}: file not found (nor its shards' index {name}.index.json).")
+        adapter = name == ADAPTER_WEIGHTS_NAME
+        tensors, source, metadata = read_weights(files)
+        for file, meta in metadata.items():
+            aliases = metadata_json(file, meta, "aliases", {})
+            if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+                raise ValueError(f"{file}: metadata field 'aliases' is not an object of tensor names; save the model again.")
+            for alias, original in aliases.items():
+                if original not in tensors:
+                    raise ValueError(f"{file}: tensor {alias!r} aliases {original!r}, which the checkpoint does not hold.")
+                tensors[alias], source[alias] = tensors[original], source[original]
         expected = self.base_model.state_dict()
-        missing = sorted(set(expected) - set(tensors))
+        missing = [] if adapter else sorted(set(expected) - set(tensors))  # an adapter's rest is the base, checked below
         unexpected = sorted(set(tensors) - set(expected))
         wrong = sorted(
             f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -589,41 +700,188 @@ class LowRankModel(nn.Module):
         )
         if missing or unexpected or wrong:
             raise ValueError(
-                f"{path} does not match the rank pattern in {CONFIG_NAME}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}."
+                f"{files[0] if len(files) == 1 else folder / (name + '.index.json')} does not match the rank pattern in "
+                f"{CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}."
             )
-        self.base_model.load_state_dict(tensors, strict=True)
+        self._check_inactive_components(tensors, source)
+        if adapter:
+            self._check_base(folder / BASE_FINGERPRINT_NAME, expected, set(tensors))
+        self.base_model.load_state_dict(tensors, strict=not adapter)
+
+    def _check_inactive_components(self, tensors: dict[str, torch.Tensor], source: dict[str, Path]) -> None:
+        """Refuse factors whose ``B`` columns past the active rank are non-zero: the rank pattern was edited."""
+        for name, layer in self.lowrank_layers().items():
+            B = tensors.get(f"{name}.B")
+            if B is None or layer.mode == "dense" or B.shape[1] <= layer.rank or not bool(B[:, layer.rank :].ne(0).any()):
+                continue
+            raise ValueError(
+                f"{source[f'{name}.B']}: layer {name!r} has non-zero B[:, {layer.rank}:], past the rank {layer.rank} that "
+                f"{CONFIG_NAME} gives it (capacity {layer.capacity}); components past the active rank must have B = 0, or "
+                f"the loaded layer is not the saved one. Restore the rank save_pretrained wrote in {CONFIG_NAME}; to shrink "
+                "a rank, truncate the layer (LowRankLinear.truncate) and save again."
+            )
+
+    def _check_base(self, path: Path, state: dict[str, torch.Tensor], saved: set[str]) -> None:
+        """Refuse a base whose frozen tensors are not bit for bit those an adapter-only save was made on."""
+        from .files import fingerprint
+
+        record = read_json(path)
+        prints = record.get("tensors") if isinstance(record, dict) else None
+        if not isinstance(prints, dict) or not all(isinstance(v, dict) and {"dtype", "shape", "sha256"} <= set(v) for v in prints.values()):
+            raise ValueError(f"{path}: no 'tensors' object of {{dtype, shape, sha256}} entries; save the adapter again.")
+        layers = self.lowrank_layers()
+        needed = sorted(set(state) - saved)
+        absent = [k for k in needed if k not in prints]
+        if absent:
+            raise ValueError(
+                f"{path}: the base model has tensors {absent[:5]} that the adapter was not saved with; "
+                "it is another architecture than the one the adapter was trained on."
+            )
+        differ = []
+        for key in needed:
+            want, have = prints[key], state[key]
+            owner, _, leaf = key.rpartition(".")
+            what = f"layer {owner!r} (frozen W0)" if owner in layers and leaf == "base_weight" else repr(key)
+            if list(have.shape) != want["shape"]:
+                differ.append(f"{what}: shape {tuple(have.shape)}, saved with {tuple(want['shape'])}")
+                continue
+            dtype = getattr(torch, str(want["dtype"]), None)
+            if not isinstance(dtype, torch.dtype) or fingerprint(have.to(dtype)) != want["sha256"]:
+                cast = f" (here {str(have.dtype).removeprefix('torch.')}, saved in {want['dtype']})" if have.dtype != dtype else ""
+                differ.append(f"{what}{cast}")
+        if differ:
+            raise ValueError(
+                f"{path}: the base model is not the one this adapter was trained on; its weights differ at "
+                f"{differ[:5]}{' ...' if len(differ) > 5 else ''} ({len(differ)} tensor(s)). Load the adapter onto that base "
+                f"(base_model_name_or_path={self.lowrank_config.base_model_name_or_path!r}, in the dtype it was trained in), "
+                "or save the model in full (adapter_only=False) when a transition re-based W0."
+            )
+
+    @staticmethod
+    def _check_rank_pattern(path: Path, model: nn.Module, pattern: dict[str, dict[str, Any]]) -> None:
+        """Refuse ranks and capacities that do not fit the layers they name, naming the file and the layer."""
+        modules = dict(model.named_modules())
+        for name, spec in pattern.items():
+            module = modules.get(name)
+            if spec["mode"] == "dense" or not isinstance(module, SUPPORTED_TYPES):
+                continue  # names that are no linear layer are reported when the layers are injected
+            out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.T.shape
+            r, c, full = spec["rank"], spec["capacity"], min(in_f, out_f)
+            if not 1 <= r <= c <= full:
+                raise ValueError(
+                    f"{path}: rank_pattern[{name!r}] has rank={r}, capacity={c}, not allowed for this {out_f}x{in_f} "
+                    f"layer: need 1 <= rank <= capacity <= {full}. Restore the values save_pretrained wrote "
+                    "(a trimmed save has capacity = rank)."
+                )
+
+    @staticmethod
+    def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+        """``dtype`` (or its old name ``torch_dtype``) as a floating torch dtype, or None."""
+        from .checks import fail
+
+        if torch_dtype is not None:
+            if dtype is not None and dtype != torch_dtype:
+                fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
+            dtype = torch_dtype
+        value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+            fail("LowRankModel.from_pretrained.dtype", dtype, "give a floating torch dtype such as torch.bfloat16, or its name 'bfloat16'")
+        return value
+
+    @staticmethod
+    def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str) -> nn.Module:
+        """The base model an adapter-only save names, from its local folder (safetensors only)."""
+        name = config.base_model_name_or_path
+        where = folder / CONFIG_NAME
+        if not name:
+            raise ValueError(
+                f"{where}: base_model_name_or_path is not recorded, so the base of this adapter-only save is unknown; "
+                "pass the model it was trained on: LowRankModel.from_pretrained(folder, base_model=model)."
+            )
+        if not Path(name).is_dir():
+            raise ValueError(
+                f"{where}: base_model_name_or_path={name!r} is not a local folder; load the base yourself and pass it: "
+                f"LowRankModel.from_pretrained(folder, base_model={model_class.__name__}.from_pretrained({name!r}))."
+            )
+        dtype = getattr(torch, dtype_name, None)
+        return model_class.from_pretrained(name, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto")
 
     @classmethod
     def from_pretrained(
         cls,
         path_or_repo_id: str | os.PathLike,
         model_class: type | None = None,
-        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         **hub_kwargs: Any,
     ) -> "LowRankModel":
-        """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors."""
-        folder = resolve_folder(path_or_repo_id, **hub_kwargs)
-        for needed in ("config.json", CONFIG_NAME, WEIGHTS_NAME):
+        """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors.
+
+        ``dtype`` (``torch_dtype`` is its old name) casts the loaded model, as transformers'
+        ``from_pretrained`` does. ``hub_kwargs`` are ``revision``, ``cache_dir``, ``token``,
+        ``force_download``, ``local_files_only`` and ``subfolder``; any other keyword is refused.
+        An adapter-only save is loaded onto ``base_model`` (a plain transformers model, wrapped
+        in place, as PEFT's ``PeftModel.from_pretrained`` does) or, without it, onto the local
+        folder ``LowRankConfig.base_model_name_or_path`` names; the base's frozen tensors must
+        match the fingerprints saved with the adapter.
+        """
+        from .files import index_name, weight_files
+
+        dtype = cls._load_dtype(dtype, torch_dtype)
+        if base_model is not None and (isinstance(base_model, LowRankModel) or not isinstance(base_model, nn.Module)):
+            raise ValueError(
+                f"LowRankModel.from_pretrained: base_model is a {type(base_model).__name__}; pass the plain transformers "
+                "model the adapter was trained on."
+            )
+        folder = resolve_folder(path_or_repo_id, where="LowRankModel.from_pretrained", **hub_kwargs)
+        for needed in ("config.json", CONFIG_NAME):
             if not (folder / needed).is_file():
                 raise FileNotFoundError(f"{folder / needed}: missing; a LowRankModel folder holds config.json, {CONFIG_NAME} and {WEIGHTS_NAME}.")
+        adapter = weight_files(folder, WEIGHTS_NAME) is None
+        if adapter and weight_files(folder, ADAPTER_WEIGHTS_NAME) is None:
+            raise FileNotFoundError(
+                f"{folder / WEIGHTS_NAME}: missing; a LowRankModel folder holds config.json, {CONFIG_NAME} and {WEIGHTS_NAME} "
+                f"(or its shards and {index_name(WEIGHTS_NAME)}), or, saved with adapter_only=True, {ADAPTER_WEIGHTS_NAME} "
+                f"and {BASE_FINGERPRINT_NAME}."
+            )
+        if base_model is not None and not adapter:
+            raise ValueError(
+                f"LowRankModel.from_pretrained: base_model= is for adapter-only saves, and {folder} holds the whole model "
+                f"({WEIGHTS_NAME}); leave base_model out."
+            )
         model_config = transformers.AutoConfig.from_pretrained(folder)
+        if hasattr(model_config, TRANSFORMERS_GUARD):  # it is for transformers' loaders only
+            delattr(model_config, TRANSFORMERS_GUARD)
+        arch = (model_config.architectures or [None])[0]
         if model_class is None:
-            arch = (model_config.architectures or [None])[0]
             model_class = getattr(transformers, arch, None) if arch else None
             if model_class is None:
                 raise ValueError(f"{folder / 'config.json'}: no known 'architectures' entry ({arch!r}); pass model_class=.")
-        model = model_class(model_config)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
         config = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+        if not adapter:
+            model = model_class(model_config)
+        elif base_model is not None:
+            if arch and type(base_model).__name__ != arch:
+                raise ValueError(
+                    f"LowRankModel.from_pretrained: base_model is a {type(base_model).__name__}, but {folder / 'config.json'} "
+                    f"was saved from a {arch}; pass the model the adapter was trained on."
+                )
+            model = base_model
+        else:
+            record = read_json(folder / BASE_FINGERPRINT_NAME)
+            model = cls._load_base(folder, config, model_class, str(record.get("dtype", "")) if isinstance(record, dict) else "")
+        cls._check_rank_pattern(folder / CONFIG_NAME, model, config.rank_pattern)
         try:
             wrapped = cls(model, config)
         except ValueError as e:  # a rank pattern that does not fit the architecture
             raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
-        wrapped.load_weights(folder / WEIGHTS_NAME)
+        wrapped.load_weights(folder)
         if (folder / "generation_config.json").is_file() and model.can_generate():
             model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+        if dtype is not None:
+            wrapped.to(dtype)
         return wrapped.eval()  # as transformers' from_pretrained: no dropout until training calls train()
 
     def push_to_hub(self, repo_id: str, metrics: dict[str, Any] | None = None, **kwargs: Any):
@@ -636,11 +894,18 @@ class LowRankModel(nn.Module):
         return push_model(self, repo_id, metrics=metrics, **kwargs)
 
 
-def get_lowrank_model(model: nn.Module, config: LowRankConfig | None = None) -> LowRankModel:
+def get_lowrank_model(model: nn.Module, config: LowRankConfig | dict[str, Any] | None = None) -> LowRankModel:
     """Wrap ``model`` (built from a config or loaded with ``from_pretrained``) with low-rank layers."""
     if isinstance(model, LowRankModel):
         raise ValueError("the model is already a LowRankModel; call get_lowrank_model on the plain transformers model.")
-    config = config or LowRankConfig()
+    if isinstance(config, dict):
+        config = LowRankConfig.from_dict(config, source="get_lowrank_model(config=dict)")
+    elif config is None:
+        config = LowRankConfig()
+    elif not isinstance(config, LowRankConfig):
+        raise TypeError(f"get_lowrank_model(config=...) takes a LowRankConfig or a dict of its fields, not {type(config).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"get_lowrank_model(model=...) takes a torch.nn.Module (a transformers model), not {type(model).__name__}.")
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         config = LowRankConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})

@@ -8,9 +8,10 @@ way when its module is imported (or is named ``"module:Class"`` in a config).
 from __future__ import annotations
 
 from . import cuttlefish, dynamic, fixed, inrank, warm_start  # noqa: F401  (registers the built-ins)
-from .base import REGISTRY, LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext, get_strategy, register_strategy
+from .base import OPS, REGISTRY, LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext, get_strategy, register_strategy
 
 __all__ = [
+    "OPS",
     "REGISTRY",
     "LayerChange",
     "Plan",

@@ -1,0 +1,207 @@
+"""Rank changes in any training loop: plain PyTorch, plain Accelerate, the plain Trainer, a user's own strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from helpers_train import TokenDataset, tiny_gpt2
+
+from hf_lowrank import LayerChange, LowRankCallback, LowRankConfig, LowRankTrainer, Plan, RankStrategy, get_lowrank_model, optim
+from hf_lowrank.strategies import REGISTRY
+
+INRANK = {
+    "target_modules": ["c_fc", "c_proj"],
+    "exclude_modules": r".*attn.*",
+    "strategy": "inrank",
+    "strategy_args": {"warmup_steps": 2, "interval": 2, "stage2_at": 8},
+}
+
+
+class EveryFourthTruncates(RankStrategy):
+    """A strategy defined in a user's own file: halves every factorized rank at steps 4 and 8."""
+
+    name = "test_every_fourth_truncates"
+    changes_shapes = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.done: list[int] = []
+
+    def due(self, step):
+        return step in (4, 8) and step not in self.done
+
+    def step(self, step, layers):
+        self.done.append(step)
+        return Plan([LayerChange(n, "truncate", rank=max(1, layer.rank // 2)) for n, layer in layers.items()], reason="halve")
+
+    def is_final(self):
+        return len(self.done) == 2
+
+    def state_dict(self):
+        return {"done": list(self.done)}
+
+    def load_state_dict(self, state):
+        self.done = list(state["done"])
+
+
+def batches(steps: int, batch: int = 4):
+    data = TokenDataset()
+    for step in range(steps):
+        rows = [data[(step * batch + i) % len(data)] for i in range(batch)]
+        yield {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def live_trainable(model) -> set[int]:
+    return {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def optimizer_params(optimizer) -> list[int]:
+    return [id(p) for g in optim.inner_optimizer(optimizer).param_groups for p in g["params"]]
+
+
+def plain_loop(model, steps: int, optimizer=None, scheduler=None, check=None):
+    """The loop docs/trainer.md shows: step, schedule, then update_ranks."""
+    optimizer = optimizer or torch.optim.AdamW(optim.param_groups(model, lr=3e-3, weight_decay=0.1))
+    scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / steps)
+    model.bind_training(steps, optimizer, scheduler)
+    model.train()
+    plans, losses = [], []
+    for step, batch in enumerate(batches(steps), start=1):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        plan = model.update_ranks(step, optimizer, scheduler)
+        plans.append((step, plan))
+        losses.append(loss.item())
+        if check:
+            check(step, model, optimizer)
+    return plans, losses
+
+
+def test_plain_pytorch_loop_runs_inrank_through_stage_2():
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    start = {n: layer.rank for n, layer in model.lowrank_layers().items()}
+
+    def check(step, model, optimizer):
+        ids = optimizer_params(optimizer)
+        assert sorted(ids) == sorted(live_trainable(model)), f"step {step}: the optimizer holds exactly the live parameters"
+        assert len(ids) == len(set(ids))
+
+    plans, losses = plain_loop(model, 12, check=check)
+    applied = {step: p for step, p in plans if p}
+    assert min(applied) == 2 and "stage 2" in applied[8].reason and applied[8].changes_shapes
+    assert all(not p.changes_shapes for s, p in applied.items() if s != 8), "growth changes no shape"
+    assert model.strategy.is_final() and not any(p for s, p in plans if s > 8)
+    ranks = {n: layer.rank for n, layer in model.lowrank_layers().items()}
+    assert all(layer.capacity == layer.rank for layer in model.lowrank_layers().values()), "stage 2 drops the buffer"
+    assert ranks != start
+    assert losses[-1] < losses[0]
+    assert [h["step"] for h in model.plan_history] == sorted(applied)
+
+
+def test_update_ranks_needs_binding_and_training_without_a_driver_is_refused():
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    with pytest.raises(RuntimeError, match="bind_training"):
+        model.update_ranks(1)
+    batch = next(batches(1))
+    with pytest.raises(RuntimeError, match="LowRankTrainer.*LowRankCallback.*update_ranks"):
+        model.train()(**batch)
+    with torch.no_grad():
+        model(**batch)  # inference never needs a driver
+    fixed = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4))
+    fixed.train()(**batch).loss.backward()  # the fixed strategy has nothing to run
+
+
+def test_bind_training_refuses_what_it_cannot_apply():
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4, frobenius_decay=1e-3))
+    with pytest.raises(ValueError, match="frobenius_decay=0.001 needs the optimizer"):
+        model.bind_training(10)
+    scaled = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4, factor_lr_scale=3.0))
+    with pytest.raises(ValueError, match="factor_lr_scale=3.0 needs factor parameter groups"):
+        scaled.bind_training(10, torch.optim.AdamW(scaled.parameters()))
+    with pytest.raises(ValueError, match="max_steps=0 is not allowed"):
+        scaled.bind_training(0)
+
+
+def test_param_groups_split_factors_and_scale_their_learning_rate():
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4, factor_lr_scale=3.0, frobenius_decay=1e-3))
+    groups = optim.param_groups(model, lr=1e-3, weight_decay=0.1)
+    factors = [g for g in groups if g.get("lowrank_factors")]
+    assert factors and all(g["lr"] == pytest.approx(3e-3) and g["weight_decay"] == 0.0 for g in factors)
+    others = [g for g in groups if not g.get("lowrank_factors")]
+    assert {g["weight_decay"] for g in others} == {0.1, 0.0}
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_plain_accelerate_loop_with_a_shape_changing_strategy():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=8, strategy=EveryFourthTruncates.name))
+    optimizer = torch.optim.AdamW(optim.param_groups(model, lr=3e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    seen = []
+
+    def check(step, model, optimizer):
+        assert sorted(optimizer_params(optimizer)) == sorted(live_trainable(model))
+        seen.append({layer.rank for layer in model.lowrank_layers().values()})
+
+    plans, _ = plain_loop(accelerator.unwrap_model(model), 10, optimizer, scheduler, check=check)
+    assert [s for s, p in plans if p] == [4, 8]
+    assert seen[2] == {8} and seen[3] == {4} and seen[-1] == {2}
+
+
+def test_a_strategy_defined_in_a_test_file_registers_and_trains_under_the_trainer(tmp_path):
+    assert REGISTRY[EveryFourthTruncates.name] is EveryFourthTruncates
+    config = LowRankConfig(target_modules=["c_fc"], rank=8, strategy=EveryFourthTruncates.name)
+    assert config.strategy_settings.to_dict() == {}
+    module_path = f"{EveryFourthTruncates.__module__}:{EveryFourthTruncates.__qualname__}"
+    assert LowRankConfig(target_modules=["c_fc"], rank=8, strategy=module_path).strategy == module_path
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=10, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, logging_steps=5,
+    )
+    trainer = LowRankTrainer(model=get_lowrank_model(tiny_gpt2(), config), args=args, train_dataset=TokenDataset())
+    trainer.train()
+    assert [h["step"] for h in trainer.plan_history] == [4, 8]
+    assert {layer.rank for layer in trainer.model.lowrank_layers().values()} == {2}
+    opt = optim.inner_optimizer(trainer.optimizer)
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(live_trainable(trainer.model))
+
+
+def test_registering_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="strategy name 'inrank' is taken"):
+
+        class Impostor(RankStrategy):  # noqa: F841
+            name = "inrank"
+
+
+def plain_trainer(tmp_path, model, callbacks=None):
+    args = transformers.TrainingArguments(
+        str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=callbacks)
+
+
+def test_plain_trainer_keeps_the_columns_and_refuses_an_undriven_strategy(tmp_path):
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    trainer = plain_trainer(tmp_path, model)
+    trainer._set_signature_columns_if_needed()
+    assert {"input_ids", "attention_mask", "labels"} <= set(trainer._signature_columns)
+    assert trainer.label_names == ["labels"]
+    with pytest.raises(RuntimeError, match="LowRankCallback"):
+        trainer.train()
+
+
+def test_plain_trainer_runs_the_strategy_through_the_callback(tmp_path):
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    trainer = plain_trainer(tmp_path, model, callbacks=[LowRankCallback()])
+    trainer.train()
+    assert model.strategy.is_final() and any("stage 2" in h["reason"] for h in model.plan_history)
+    opt = optim.inner_optimizer(trainer.optimizer)
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(live_trainable(model))

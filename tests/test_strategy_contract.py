@@ -1,0 +1,90 @@
+"""One contract every strategy of the library keeps: layout, plans, state round trip, resume.
+
+Parametrized over the registry, so a strategy module added under hf_lowrank/strategies/ is
+tested here without editing this file.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers_train import run
+
+from hf_lowrank import LowRankConfig, get_lowrank_model
+from hf_lowrank.strategies import OPS, REGISTRY, RankStrategy
+from hf_lowrank.strategies.base import StrategyArgs
+
+MEASURED = {"dense_s", "factorized_s", "speedup", "why"}  # wall-clock profiling (Cuttlefish): differs run to run
+LIBRARY = sorted(name for name, cls in REGISTRY.items() if cls.__module__.startswith("hf_lowrank.strategies."))
+STEPS, SAVE = 24, 8
+
+
+def deterministic(state):
+    """A strategy state without its wall-clock measurements."""
+    if isinstance(state, dict):
+        return {k: deterministic(v) for k, v in state.items() if k not in MEASURED}
+    if isinstance(state, list):
+        return [deterministic(v) for v in state]
+    return state
+
+
+# Settings for a 24-step run of a model this small, where a default would keep the layout as it is.
+SHORT_RUN = {"cuttlefish": {"select_layers": "all"}}  # measured selection keeps layers this small dense
+
+
+def lowrank(name: str) -> dict:
+    return {"strategy": name, "strategy_args": SHORT_RUN.get(name, {}), "target_modules": ["c_fc", "c_proj"], "exclude_modules": r".*attn.*"}
+
+
+def test_every_builtin_strategy_is_registered():
+    assert {"fixed", "inrank", "cuttlefish", "warm_start", "dynamic"} <= set(LIBRARY)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_declared_interface(name):
+    cls = REGISTRY[name]
+    assert issubclass(cls, RankStrategy) and cls.name == name
+    assert isinstance(cls.changes_shapes, bool)
+    assert issubclass(cls.Args, StrategyArgs) and cls.Args.from_dict({}) == cls.Args()
+    assert cls.__doc__, "a strategy says what it does"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIBRARY)
+def test_strategy_contract(name, tmp_path):
+    from helpers_train import tiny_gpt2
+
+    # Layout: every target layer starts in the layout the strategy gives it.
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**lowrank(name)))
+    fresh = REGISTRY[name](model.lowrank_config)
+    for layer_name, layer in model.lowrank_layers().items():
+        assert layer.spec.mode == fresh.initial_spec(layer_name, layer).mode
+
+    # Plans: valid ops on known layers; a strategy that declares no shape changes makes none.
+    full = run(tmp_path / "full", lowrank=lowrank(name), max_steps=STEPS, save_steps=SAVE)
+    history = json.loads((tmp_path / "full" / "checkpoint-24" / "lowrank_trainer_state.json").read_text())["plan_history"]
+    for entry in history:
+        for change in entry["changes"]:
+            assert change["op"] in OPS and change["layer"] in model.lowrank_layers()
+            if not REGISTRY[name].changes_shapes:
+                assert change["op"] == "grow", f"{name} declares changes_shapes=False"
+
+    if REGISTRY[name].changes_shapes:
+        assert full["plan_steps"], f"{name} acts within the run, so resume below is tested across its changes"
+
+    # State: JSON round trip gives the same state.
+    strategy = REGISTRY[name](model.lowrank_config)
+    strategy.load_state_dict(json.loads(json.dumps(full["strategy_state"])))
+    assert strategy.state_dict() == full["strategy_state"]
+
+    # Resume from a checkpoint continues the same run: same losses, layout and state.
+    resumed = run(
+        tmp_path / "full", resume=str(tmp_path / "full" / f"checkpoint-{SAVE}"), lowrank=lowrank(name),
+        max_steps=STEPS, save_steps=SAVE,
+    )
+    after = {s: v for s, v in full["losses"].items() if int(s) > SAVE}
+    assert {s: v for s, v in resumed["losses"].items() if int(s) > SAVE} == pytest.approx(after, rel=1e-5, abs=1e-6)
+    assert resumed["rank_pattern"] == full["rank_pattern"]
+    assert deterministic(resumed["strategy_state"]) == deterministic(full["strategy_state"])
+    assert resumed["plan_steps"] == full["plan_steps"]
