@@ -1,0 +1,116 @@
+"""Fine-tuning as PEFT users expect: the README's snippet keeps the function, residual mode trains only adapters, factorizing pretrained weights starts from them."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from helpers_train import TokenDataset, tiny_gpt2
+
+from hf_lowrank import LowRankConfig, get_lowrank_model
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def sample_ids() -> torch.Tensor:
+    return TokenDataset(4).x
+
+
+def readme_finetune_block() -> str:
+    text = README.read_text()
+    section = text[text.index("### Fine-tune a pretrained model") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A small 'pretrained' GPT-2: trained a few steps so its weights are not an init, then saved."""
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = TokenDataset()
+    for i in range(5):
+        batch = {k: torch.stack([data[j][k] for j in range(4 * i, 4 * i + 4)]) for k in ("input_ids", "labels")}
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path / "pretrained")
+    return tmp_path / "pretrained"
+
+
+def test_readme_finetune_snippet_keeps_the_function_and_trains_only_adapters(saved_model, tmp_path, monkeypatch):
+    code = readme_finetune_block()
+    assert 'mode="residual"' in code
+    code = code.replace("path/to/model", str(saved_model)).replace('"out"', repr(str(tmp_path / "out")))
+    code = code.replace("max_steps=1000", "max_steps=6, report_to=[], use_cpu=True, save_strategy='no', disable_tqdm=True")
+    code = code.replace('"out/final"', repr(str(tmp_path / "final")))
+    setup, rest = code.split("trainer = ", 1)
+    ns = {"train": TokenDataset()}
+    exec(setup, ns)
+    ids = sample_ids()
+    base = transformers.AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ns["model"].eval()(input_ids=ids).logits, base(input_ids=ids).logits)
+    trainable = [n for n, p in ns["model"].named_parameters() if p.requires_grad]
+    assert trainable and all(n.rpartition(".")[2] in ("A", "B") for n in trainable), trainable
+    exec("trainer = " + rest, ns)
+    assert (tmp_path / "final" / "lowrank_config.json").is_file()
+    frozen = {n: p for n, p in ns["model"].base_model.named_parameters() if not p.requires_grad}
+    reference = dict(base.named_parameters())
+    compared = [n for n in frozen if n in reference]
+    assert len(compared) > 10, "embeddings, norms and biases are frozen"
+    for name in compared:
+        torch.testing.assert_close(frozen[name], reference[name], msg=f"{name} is frozen and must not change")
+
+
+def test_modules_to_save_trains_a_classification_head_by_default():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, num_labels=3, pad_token_id=0)
+    base = transformers.GPT2ForSequenceClassification(config)
+    base.config._name_or_path = "pretrained-classifier"
+    model = get_lowrank_model(base, LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4))
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.base_model.named_parameters() if p.requires_grad}
+    assert "score" in trainable and all(n == "score" or n.endswith("c_fc") for n in trainable)
+    named = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4, modules_to_save=["ln_f"]))
+    assert {n for n, p in named.base_model.named_parameters() if p.requires_grad and "c_fc" not in n} == {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    with pytest.raises(ValueError, match=r"modules_to_save=\['nope'\].*name no module"):
+        get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4, modules_to_save=["nope"]))
+
+
+def test_training_from_scratch_keeps_the_whole_model_trainable():
+    for config in (
+        LowRankConfig(target_modules=["c_fc"], mode="factorized", rank=4),
+        LowRankConfig(target_modules=["c_fc"], mode="residual", residual_base="orthogonal", rank=4),
+    ):
+        model = get_lowrank_model(tiny_gpt2(), config)
+        assert model.base_model.transformer.wte.weight.requires_grad, config.mode
+
+
+def test_factorizing_pretrained_weights_starts_from_them_and_reports_the_change(saved_model):
+    base = transformers.AutoModelForCausalLM.from_pretrained(saved_model).eval()
+    ids = sample_ids()
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    full = get_lowrank_model(
+        transformers.AutoModelForCausalLM.from_pretrained(saved_model), LowRankConfig(target_modules=["c_fc"], rank=1.0)
+    ).eval()
+    assert full.lowrank_config.init == "auto" and max(full.init_report.values()) < 1e-5, "full rank: the SVD split is exact"
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+    with pytest.warns(UserWarning, match=r"changed their weights by .*mode='residual'"):
+        low = get_lowrank_model(
+            transformers.AutoModelForCausalLM.from_pretrained(saved_model), LowRankConfig(target_modules=["c_fc"], rank=4)
+        )
+    assert set(low.init_report) == set(low.lowrank_layers()) and all(0 < v < 1 for v in low.init_report.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model built from a config has no pretrained function to report on
+        scratch = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4))
+    assert scratch.init_report == {}
+
+
+def test_print_trainable_parameters_is_one_line(capsys):
+    get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).print_trainable_parameters()
+    out = capsys.readouterr().out.strip()
+    assert "\n" not in out and out.startswith("trainable params: ")
