@@ -181,8 +181,9 @@ def model_card(model: "LowRankModel", metrics: dict[str, Any] | None = None, rep
         f'model = LowRankModel.from_pretrained("{where}")',
         "```",
         "",
-        "`merge_and_unload` turns it into a plain transformers model (dense `nn.Linear` / `Conv1D` "
-        "layers, same outputs) that no longer needs hf_lowrank:",
+        "transformers' own `from_pretrained` refuses this repo, with a message saying so: its low-rank "
+        "layers need hf_lowrank. `merge_and_unload` turns it into a plain transformers model (dense "
+        "`nn.Linear` / `Conv1D` layers, same outputs) that no longer needs hf_lowrank:",
         "",
         "```python",
         "plain = model.merge_and_unload()",

@@ -241,7 +241,7 @@ class LowRankConfig:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> "LowRankConfig":
         """Read ``lowrank_config.json`` from a folder, or from a Hub repo (downloaded on demand)."""
-        path = resolve_file(path_or_repo_id, CONFIG_NAME, **hub_kwargs)
+        path = resolve_file(path_or_repo_id, CONFIG_NAME, where="LowRankConfig.from_pretrained", **hub_kwargs)
         return cls.from_dict(read_json(path), source=str(path))
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):

@@ -1,8 +1,9 @@
-"""Atomic writes and safe reads: JSON and safetensors only, never pickle."""
+"""Atomic writes and safe reads: JSON and safetensors (one file or transformers-style shards), never pickle."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -11,8 +12,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .checks import fail, is_int
+
+SIZE_UNITS = ("KB", "MB", "GB", "TB")  # what huggingface_hub's shard splitter parses
 
 
 @contextlib.contextmanager
@@ -65,6 +70,119 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
         return load_file(str(path), device=device)
     except SafetensorError as e:  # truncated or not safetensors: its message does not name the file
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (no tensor is read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def metadata_json(path: str | os.PathLike, metadata: dict[str, str], field: str, default: Any) -> Any:
+    """Field ``field`` of a safetensors file's metadata, parsed as JSON; ``default`` when absent."""
+    if field not in metadata:
+        return default
+    try:
+        return json.loads(metadata[field])
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: metadata field {field!r} is not valid JSON ({e}): {metadata[field][:80]!r}; "
+            "the file was edited or written by another tool, save the model again."
+        ) from e
+
+
+def index_name(weights_name: str) -> str:
+    """The index file of a sharded checkpoint, as transformers names it: ``model.safetensors.index.json``."""
+    return f"{weights_name}.index.json"
+
+
+def check_shard_size(field: str, value: Any) -> None:
+    """A shard size: an int of bytes >= 1, or a string of a number and a unit (``"5GB"``, ``"500MB"``)."""
+    if is_int(value) and value >= 1:
+        return
+    if isinstance(value, str) and value.strip()[-2:].upper() in SIZE_UNITS:
+        try:
+            if float(value.strip()[:-2]) > 0:
+                return
+        except ValueError:
+            pass
+    fail(field, value, f"give a number of bytes or a size such as '5GB' (units {', '.join(SIZE_UNITS)})")
+
+
+def write_weights(
+    folder: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    weights_name: str,
+    metadata: dict[str, str],
+    max_shard_size: int | str,
+) -> list[str]:
+    """Write ``tensors`` as ``weights_name``, or as shards with an index when they exceed ``max_shard_size``.
+
+    Shards and index are laid out as transformers writes them (``model-00001-of-00002.safetensors``,
+    ``model.safetensors.index.json`` with ``metadata.total_size`` and ``weight_map``), split by
+    huggingface_hub's ``split_torch_state_dict_into_shards``; every shard carries ``metadata``.
+    Returns the names of the files written.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    folder = Path(folder)
+    stem = weights_name.removesuffix(".safetensors")
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        write_safetensors(folder / filename, {k: tensors[k] for k in keys}, metadata=metadata)
+    written = sorted(split.filename_to_tensors)
+    if split.is_sharded:
+        write_json(folder / index_name(weights_name), {"metadata": split.metadata, "weight_map": split.tensor_to_filename})
+        written.append(index_name(weights_name))
+    return written
+
+
+def weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path] | None:
+    """The safetensors files of ``weights_name`` in ``folder``: the file itself, or the shards its index lists; None if neither exists."""
+    folder = Path(folder)
+    if (folder / weights_name).is_file():
+        return [folder / weights_name]
+    index = folder / index_name(weights_name)
+    if not index.is_file():
+        return None
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files; the index is damaged, save the model again.")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
+    if outside:
+        raise ValueError(f"{index}: weight_map names {outside[:3]}, not safetensors files in the folder itself.")
+    return [folder / s for s in shards]
+
+
+def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path], dict[Path, dict[str, str]]]:
+    """Tensors of one file or of all shards, which file holds each tensor, and each file's metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    metadata: dict[Path, dict[str, str]] = {}
+    for path in files:
+        part = read_safetensors(path)
+        twice = sorted(set(part) & set(tensors))
+        if twice:
+            raise ValueError(f"{path}: holds {twice[:3]}, which {source[twice[0]].name} holds as well; the shards do not belong together.")
+        tensors.update(part)
+        source.update(dict.fromkeys(part, path))
+        metadata[path] = read_safetensors_metadata(path)
+    return tensors, source, metadata
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: equal exactly when the tensors are bit for bit equal."""
+    t = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -15,11 +15,22 @@ import torch
 import transformers
 from torch import nn
 
-from . import distributed, optim
+from . import distributed, fsdp, optim
 from .card import push_model
-from .checks import check_int
+from .checks import check_bool, check_int, fail
 from .config import CONFIG_NAME, LowRankConfig
-from .files import atomic_directory, read_json, read_safetensors, write_safetensors
+from .files import (
+    atomic_directory,
+    check_shard_size,
+    fingerprint,
+    index_name,
+    metadata_json,
+    read_json,
+    read_weights,
+    weight_files,
+    write_json,
+    write_weights,
+)
 from .hub import resolve_folder
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
 from .strategies import LayerChange, Plan, RankStrategy, TrainContext, get_strategy
@@ -347,15 +358,18 @@ class LowRankModel(nn.Module):
         if self.strategy.due(step):
             start = time.perf_counter()
             layers = self.lowrank_layers()
-            payload, state = distributed.decide_on_rank0(
-                lambda: (lambda p: p.to_dict() if p else None)(self.strategy.step(step, layers)),
-                self.strategy.state_dict,
-            )
+            with fsdp.gathered_layers(self):  # FSDP2: the strategy reads full tensors, not shards
+                payload, state = distributed.decide_on_rank0(
+                    lambda: (lambda p: p.to_dict() if p else None)(self.strategy.step(step, layers)),
+                    self.strategy.state_dict,
+                )
             if distributed.world()[0] != 0:
                 self.strategy.load_state_dict(state)
             plan = Plan.from_dict(payload) if payload else None
             if plan:
-                self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
+                # FSDP2: the units of replaced layers are re-sharded, the optimizer moved onto the new shards
+                with fsdp.resharding(self, [c.layer for c in plan.changes if c.op != "grow"], optimizer):
+                    self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
             self.decision_seconds += time.perf_counter() - start
         self.lr_adjust.apply_rewarm(optimizer, step)
         return plan
@@ -568,14 +582,13 @@ class LowRankModel(nn.Module):
         self, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
     ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
         """The adapter part of a save, and the fingerprints of the frozen rest, which the base must supply on loading."""
-        from .files import fingerprint
 
-        frozen_w0 = [n for n, layer in self.lowrank_layers().items() if layer.mode == "residual"]
-        if frozen_w0 and self.lowrank_config.residual_base == "orthogonal":
+        residual = [n for n, layer in self.lowrank_layers().items() if layer.mode == "residual"]
+        if residual and self.lowrank_config.residual_base == "orthogonal":
             raise ValueError(
                 f"save_pretrained(adapter_only=True): LowRankConfig.residual_base='orthogonal' made the frozen W0 of "
-                f"{frozen_w0[0]!r} (and {len(frozen_w0) - 1} more) a random orthogonal matrix that no base model "
-                "holds; save the full model (adapter_only=False)."
+                f"the {len(residual)} residual layer(s) ({residual[0]!r}, ...) random orthogonal matrices that no base "
+                "model holds; save the full model (adapter_only=False)."
             )
         keep = self._adapter_keys()
         state = self.base_model.state_dict()
@@ -622,8 +635,6 @@ class LowRankModel(nn.Module):
         ``config.json`` written makes transformers' own loaders refuse the folder with a message
         pointing here, instead of loading it with random weights.
         """
-        from .checks import check_bool, fail
-        from .files import check_shard_size, write_json, write_weights
 
         check_bool("save_pretrained.trim", trim)
         check_bool("save_pretrained.adapter_only", adapter_only)
@@ -673,13 +684,15 @@ class LowRankModel(nn.Module):
         tensors over the model, whose other tensors must match ``lowrank_base.json``. Factors
         past a layer's active rank must have ``B = 0`` (the layer's invariant).
         """
-        from .files import metadata_json, read_weights, weight_files
 
         path = Path(path)
         folder, names = (path, (WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)) if path.is_dir() else (path.parent, (path.name,))
-        files, name = next(((f, n) for n in names if (f := weight_files(folder, n))), (None, names[0]))
-        if files is None:
-            raise FileNotFoundError(f"{folder / name}: file not found (nor its shards' index {name}.index.json).")
+        for name in names:
+            files = weight_files(folder, name)
+            if files is not None:
+                break
+        else:
+            raise FileNotFoundError(f"{folder / names[0]}: file not found (nor its shards' index {index_name(names[0])}).")
         adapter = name == ADAPTER_WEIGHTS_NAME
         tensors, source, metadata = read_weights(files)
         for file, meta in metadata.items():
@@ -700,7 +713,7 @@ class LowRankModel(nn.Module):
         )
         if missing or unexpected or wrong:
             raise ValueError(
-                f"{files[0] if len(files) == 1 else folder / (name + '.index.json')} does not match the rank pattern in "
+                f"{files[0] if len(files) == 1 else folder / index_name(name)} does not match the rank pattern in "
                 f"{CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}."
             )
         self._check_inactive_components(tensors, source)
@@ -723,7 +736,6 @@ class LowRankModel(nn.Module):
 
     def _check_base(self, path: Path, state: dict[str, torch.Tensor], saved: set[str]) -> None:
         """Refuse a base whose frozen tensors are not bit for bit those an adapter-only save was made on."""
-        from .files import fingerprint
 
         record = read_json(path)
         prints = record.get("tensors") if isinstance(record, dict) else None
@@ -777,16 +789,17 @@ class LowRankModel(nn.Module):
     @staticmethod
     def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
         """``dtype`` (or its old name ``torch_dtype``) as a floating torch dtype, or None."""
-        from .checks import fail
 
-        if torch_dtype is not None:
-            if dtype is not None and dtype != torch_dtype:
-                fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
-            dtype = torch_dtype
-        value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-            fail("LowRankModel.from_pretrained.dtype", dtype, "give a floating torch dtype such as torch.bfloat16, or its name 'bfloat16'")
-        return value
+        def resolve(field: str, value: torch.dtype | str | None) -> torch.dtype | None:
+            resolved = getattr(torch, value, None) if isinstance(value, str) else value
+            if resolved is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+                fail(f"LowRankModel.from_pretrained.{field}", value, "give a floating torch dtype such as torch.bfloat16, or its name 'bfloat16'")
+            return resolved
+
+        new, old = resolve("dtype", dtype), resolve("torch_dtype", torch_dtype)
+        if new is not None and old is not None and new != old:
+            fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
+        return new or old
 
     @staticmethod
     def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str) -> nn.Module:
@@ -805,6 +818,31 @@ class LowRankModel(nn.Module):
             )
         dtype = getattr(torch, dtype_name, None)
         return model_class.from_pretrained(name, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto")
+
+    @classmethod
+    def _wrap_and_load(cls, model: nn.Module, config: LowRankConfig, folder: Path, keep_on_failure: bool) -> "LowRankModel":
+        """Wrap ``model`` with the saved layout and load the folder's tensors.
+
+        With ``keep_on_failure`` (a base the caller passed), a failure puts the replaced layers
+        and the ``requires_grad`` flags back, so the caller's model is left as it was given.
+        """
+        replaced = {n: m for n, m in model.named_modules() if n in config.rank_pattern}
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            try:
+                wrapped = cls(model, config)
+            except ValueError as e:  # a rank pattern that does not fit the architecture
+                raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+            wrapped.load_weights(folder)
+        except Exception:
+            if keep_on_failure:
+                for name, module in replaced.items():
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, module)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+            raise
+        return wrapped
 
     @classmethod
     def from_pretrained(
@@ -827,7 +865,6 @@ class LowRankModel(nn.Module):
         folder ``LowRankConfig.base_model_name_or_path`` names; the base's frozen tensors must
         match the fingerprints saved with the adapter.
         """
-        from .files import index_name, weight_files
 
         dtype = cls._load_dtype(dtype, torch_dtype)
         if base_model is not None and (isinstance(base_model, LowRankModel) or not isinstance(base_model, nn.Module)):
@@ -873,11 +910,7 @@ class LowRankModel(nn.Module):
             record = read_json(folder / BASE_FINGERPRINT_NAME)
             model = cls._load_base(folder, config, model_class, str(record.get("dtype", "")) if isinstance(record, dict) else "")
         cls._check_rank_pattern(folder / CONFIG_NAME, model, config.rank_pattern)
-        try:
-            wrapped = cls(model, config)
-        except ValueError as e:  # a rank pattern that does not fit the architecture
-            raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
-        wrapped.load_weights(folder)
+        wrapped = cls._wrap_and_load(model, config, folder, keep_on_failure=base_model is not None)
         if (folder / "generation_config.json").is_file() and model.can_generate():
             model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
         if dtype is not None:

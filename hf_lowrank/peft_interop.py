@@ -68,8 +68,8 @@ def export_base_model(model: LowRankModel) -> nn.Module:
     return plain
 
 
-def _check_against_base(model: LowRankModel, base_model: nn.Module) -> None:
-    """Refuse unless every weight outside the adapters equals ``base_model``'s (the adapter carries nothing else)."""
+def _check_against_base(model: LowRankModel, base_model: nn.Module, saved_modules: list[str]) -> None:
+    """Refuse unless every weight outside the adapters and ``saved_modules`` equals ``base_model``'s (the adapter carries nothing else)."""
     layers = model.lowrank_layers()
     base_modules = dict(base_model.named_modules())
     changed = []
@@ -85,17 +85,52 @@ def _check_against_base(model: LowRankModel, base_model: nn.Module) -> None:
             changed.append(f"{name} {what}")
         if not _same(layer.bias, ref.bias):
             changed.append(f"{name}.bias")
-    prefixes = tuple(f"{n}." for n in layers)
+    prefixes = tuple(f"{n}." for n in [*layers, *saved_modules])
     ours = {k: v for k, v in model.base_model.state_dict().items() if not k.startswith(prefixes)}
     theirs = base_model.state_dict()
     changed += sorted(k for k, v in ours.items() if not _same(v, theirs.get(k)))
     if changed:
         raise ValueError(
-            f"the model differs from base_model outside its residual adapters, which a LoRA adapter cannot carry: "
+            f"the model differs from base_model outside its residual adapters and modules_to_save, which a LoRA adapter cannot carry: "
             f"{changed[:5]}{' ...' if len(changed) > 5 else ''} ({len(changed)} tensor(s)). Dense layers that trained, "
             "a W0 re-based by a mode transition, or trained embeddings/norms need the full model "
             "(save_pretrained or merge_and_unload) instead of an adapter."
         )
+
+
+# PEFT task types by the transformers Auto mapping a model class belongs to (first match wins).
+TASK_TYPES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+    ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
+)
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class (None for heads PEFT has no task for, e.g. masked LM)."""
+    from transformers.models.auto import modeling_auto
+
+    arch = type(model).__name__
+    for mapping, task in TASK_TYPES:
+        for value in getattr(modeling_auto, mapping).values():
+            if arch == value or (isinstance(value, tuple) and arch in value):
+                return task
+    return None
+
+
+def _trainable_outside(model: LowRankModel, saved_modules: list[str]) -> list[str]:
+    """Trainable parameters that are neither adapter factors nor inside ``saved_modules``."""
+    layers = model.lowrank_layers()
+    saved = tuple(f"{m}." for m in saved_modules)
+    names = []
+    for name, p in model.base_model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if p.requires_grad and not (owner in layers and leaf in ("A", "B")) and not name.startswith(saved):
+            names.append(name)
+    return names
 
 
 def export_peft_adapter(
@@ -108,16 +143,21 @@ def export_peft_adapter(
 
     ``adapter_config.json`` targets the exact layer names, with each layer's rank in
     ``rank_pattern`` and ``alpha_pattern`` set so that PEFT's ``lora_alpha / r`` is the layer's
-    scale ``s``; ``fan_in_fan_out`` is set for GPT-2-style ``Conv1D`` layers.
-    ``adapter_model.safetensors`` holds ``base_model.model.<layer>.lora_A.weight`` (r, in) and
-    ``lora_B.weight`` (out, r), sliced to the active rank.
+    scale ``s``; ``fan_in_fan_out`` is set for GPT-2-style ``Conv1D`` layers; ``task_type``
+    follows the model class (causal LM, seq2seq LM, sequence or token classification,
+    question answering, feature extraction). ``adapter_model.safetensors`` holds
+    ``base_model.model.<layer>.lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r), sliced
+    to the active rank, and the whole tensors of the model's ``modules_to_save`` (by default
+    its classification head) under ``base_model.model.<module>.<tensor>``, listed in the
+    config's ``modules_to_save``, as PEFT saves them.
 
-    LoRA expresses ``W = W0 + s B A`` only: factorized layers are refused, and so are dense
-    layers, whose weight trains, unless ``base_model`` (the model the adapter will be applied
-    to) is given and shows them unchanged; they are then left out. With ``base_model`` every
-    tensor outside the adapters is checked against it. ``PeftModel.from_pretrained(base, dir)``
-    reproduces the model on ``base = export_base_model(model)`` always, and on the original
-    pretrained model when nothing but the adapters trained.
+    LoRA expresses ``W = W0 + s B A`` plus replaced modules only: factorized layers are refused,
+    and so are dense layers and any other trainable parameter, unless ``base_model`` (the model
+    the adapter will be applied to) is given and shows them unchanged; dense layers are then
+    left out. With ``base_model`` every tensor outside the adapters and ``modules_to_save`` is
+    checked against it. ``PeftModel.from_pretrained(base, dir)`` reproduces the model on
+    ``base = export_base_model(model)`` always, and on the original pretrained model when
+    nothing but the adapters and ``modules_to_save`` trained.
     """
     from peft import LoraConfig
 
@@ -135,16 +175,31 @@ def export_peft_adapter(
             f"({len(dense)} dense layer(s)). If it is unchanged, pass base_model= (the model the adapter will be "
             "applied to) to have that checked and the layer left out."
         )
+    saved_modules = model.modules_to_save()
+    inside = [(m, n) for m in saved_modules for n in layers if n == m or n.startswith(m + ".")]
+    if inside:
+        raise ValueError(
+            f"modules_to_save names {inside[0][0]!r}, which holds the low-rank layer {inside[0][1]!r}: PEFT replaces "
+            "a module to save as a whole, so it cannot also adapt a layer inside it. Leave it out of "
+            "LowRankConfig.modules_to_save, or exclude the layer (exclude_modules)."
+        )
     if base_model is not None:
-        _check_against_base(model, base_model)
+        _check_against_base(model, base_model, saved_modules)
+    else:
+        trained = _trainable_outside(model, saved_modules)
+        if trained:
+            raise ValueError(
+                f"parameters outside the adapters and modules_to_save {saved_modules} are trainable: "
+                f"{trained[:5]}{' ...' if len(trained) > 5 else ''} ({len(trained)} in all). A LoRA adapter leaves them "
+                "out, so on the original base it would not reproduce the model if they trained. Pass base_model= (the "
+                "model the adapter will be applied to) to have them checked unchanged, add their modules to "
+                "LowRankConfig.modules_to_save, or save the full model (save_pretrained or merge_and_unload)."
+            )
     residual = {n: layer for n, layer in layers.items() if layer.mode == "residual"}
     if not residual:
         raise ValueError("the model has no residual layers: there is no adapter to export.")
     ranks = {n: layer.rank for n, layer in residual.items()}
     r = max(ranks.values())
-    arch = type(model.base_model).__name__
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     config = LoraConfig(
         r=r,
         lora_alpha=r,
@@ -153,7 +208,8 @@ def export_peft_adapter(
         alpha_pattern={n: layer.scaling * layer.rank for n, layer in residual.items()},  # PEFT scale = alpha / r
         fan_in_fan_out=any(layer.base_type == "conv1d" for layer in residual.values()),
         bias="none",
-        task_type="CAUSAL_LM" if arch in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else None,
+        modules_to_save=saved_modules or None,
+        task_type=peft_task_type(model.base_model),
         inference_mode=True,
         base_model_name_or_path=base_model_name_or_path or model.lowrank_config.base_model_name_or_path,
     )
@@ -162,6 +218,9 @@ def export_peft_adapter(
         B, A = layer.active_factors()  # (out, r), (r, in), whatever the wrapped layer type
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B
+    for module in saved_modules:
+        for key, value in model.base_model.get_submodule(module).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{module}.{key}"] = value
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     # PEFT's own save_pretrained, but atomic and with target_modules in a stable order
@@ -176,7 +235,6 @@ def export_peft_adapter(
 UNSUPPORTED_LORA_FIELDS = {
     "use_dora": "DoRA rescales the weight columns",
     "lora_bias": "it trains a bias in lora_B",
-    "modules_to_save": "it replaces whole modules",
     "trainable_token_indices": "it trains embedding rows",
     "target_parameters": "it targets parameters, not layers",
     "layer_replication": "it duplicates layers",
@@ -194,7 +252,7 @@ PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 def _adapter_files(adapter_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[Path, Path]:
-    folder = resolve_folder(adapter_dir, **hub_kwargs)
+    folder = resolve_folder(adapter_dir, where="import_peft_adapter", **hub_kwargs)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         if (folder / ADAPTER_PICKLE).is_file():
@@ -226,24 +284,33 @@ def _check_lora_config(cfg: dict[str, Any], path: Path) -> None:
         )
 
 
-def _lora_pairs(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module name: {"A": (r, in), "B": (out, r)}}`` from PEFT's key layout."""
+def _split_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, modules_to_save: list[str]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """``{layer: {"A": (r, in), "B": (out, r)}}`` and ``{module to save: its state dict}`` from PEFT's key layout."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         part = "A" if key.endswith(".lora_A.weight") else "B" if key.endswith(".lora_B.weight") else None
+        rest = key.removeprefix(PEFT_PREFIX)
+        owner = next((m for m in modules_to_save if rest.startswith(m + ".")), None) if part is None else None
+        if owner is not None and key.startswith(PEFT_PREFIX):
+            saved.setdefault(owner, {})[rest[len(owner) + 1 :]] = value
+            continue
         if not key.startswith(PEFT_PREFIX) or part is None or value.dim() != 2:
             raise ValueError(
                 f"{path}: unexpected tensor {key!r} {tuple(value.shape)}; a plain LoRA adapter holds only "
-                f"'{PEFT_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' matrices."
+                f"'{PEFT_PREFIX}<module>.lora_A.weight' and '.lora_B.weight' matrices, and the tensors of its "
+                f"modules_to_save ({modules_to_save or 'none'})."
             )
-        pairs.setdefault(key[len(PEFT_PREFIX) : -len(".lora_X.weight")], {})[part] = value
+        pairs.setdefault(rest[: -len(".lora_X.weight")], {})[part] = value
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
             raise ValueError(f"{path}: {name} has no lora_{missing}.weight.")
     if not pairs:
         raise ValueError(f"{path}: holds no LoRA weights.")
-    return pairs
+    return pairs, saved
 
 
 def import_peft_adapter(
@@ -259,6 +326,9 @@ def import_peft_adapter(
     Each adapted layer gets ``A``, ``B``, the rank and PEFT's scale (``lora_alpha / r``, or
     ``/ sqrt(r)`` with rsLoRA), so the model computes what ``PeftModel`` with the adapter does.
 
+    The adapter's ``modules_to_save`` (PEFT's whole replaced modules, e.g. a classification
+    head) are loaded into ``base_model`` and become the model's ``LowRankConfig.modules_to_save``.
+
     ``config`` supplies the rest (strategy, its settings, Frobenius decay) and ``capacity``: an int
     or a fraction of min(in, out), at least the adapter's rank, so the rank can grow later; the
     extra components start with ``B = 0``, leaving the function unchanged. Its ``mode``,
@@ -267,13 +337,17 @@ def import_peft_adapter(
     """
     from peft.utils.other import get_pattern_key
 
-
     if isinstance(base_model, LowRankModel):
         raise ValueError("base_model is already a LowRankModel; pass the plain transformers model the adapter was trained on.")
     config_path, weights_path = _adapter_files(adapter_dir, **hub_kwargs)
     cfg = read_json(config_path)
     _check_lora_config(cfg, config_path)
-    pairs = _lora_pairs(read_safetensors(weights_path), weights_path)
+    wanted = cfg.get("modules_to_save") or []
+    if not (isinstance(wanted, list) and all(isinstance(w, str) and w for w in wanted)):
+        raise ValueError(f"{config_path}: modules_to_save={wanted!r}; expected a list of module names.")
+    # PEFT replaces every module whose name ends with an entry
+    to_save = [n for n, _ in base_model.named_modules() if n and any(n.endswith(w) for w in wanted)]
+    pairs, saved = _split_tensors(read_safetensors(weights_path), weights_path, to_save)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     capacity = None if config is None else config.capacity
     modules = dict(base_model.named_modules())
@@ -298,6 +372,7 @@ def import_peft_adapter(
     settings = (config or LowRankConfig(strategy="fixed")).to_dict()
     settings.update(
         mode="residual", residual_base="model", target_modules=sorted(pattern), exclude_modules=None, rank_pattern=pattern,
+        modules_to_save=sorted(saved) if saved else settings["modules_to_save"],
         base_model_name_or_path=settings["base_model_name_or_path"] or cfg.get("base_model_name_or_path")
         or getattr(getattr(base_model, "config", None), "_name_or_path", None) or None,
     )
@@ -308,4 +383,9 @@ def import_peft_adapter(
             layer, r = layers[name], pattern[name]["rank"]
             layer.A[:r] = pair["A"].to(layer.A.dtype)
             layer.B[:, :r] = pair["B"].to(layer.B.dtype)  # B[:, r:] stays 0: growing later is exact
+    for name, state in saved.items():
+        try:
+            model.base_model.get_submodule(name).load_state_dict(state, strict=True)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors of a module to save
+            raise ValueError(f"{weights_path}: the tensors of modules_to_save entry {name!r} do not fit the base model's module ({e}).") from e
     return model

@@ -192,6 +192,17 @@ def test_load_from_the_hub_cache_layout(tmp_path):
     assert config.rank_pattern == model.rank_pattern(trim=True)
 
 
+def test_load_from_a_subfolder_of_a_repo(hub, tmp_path):
+    model = residual_model()
+    model.save_pretrained(tmp_path / "saved")
+    hub.repos["user/many"] = {f"gpt2/{p.name}": p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    loaded = LowRankModel.from_pretrained("user/many", subfolder="gpt2")
+    assert hub.patterns[-1] == ["gpt2/*.json", "gpt2/*.safetensors", "gpt2/*.md"]
+    torch.testing.assert_close(logits(loaded, sample_ids()), logits(model, sample_ids()), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"import_peft_adapter keyword argument\(s\)=\['revisoin'\] is not allowed"):
+        import_peft_adapter(build("gpt2"), "user/many", revisoin="main")
+
+
 def test_bad_snapshots_fail_naming_the_file(hub, tmp_path):
     model = residual_model()
     model.save_pretrained(tmp_path / "saved")
@@ -321,6 +332,84 @@ def test_peft_export_refuses_what_lora_cannot_express(tmp_path):
         export_peft_adapter(model, tmp_path, base_model=build("gpt2"))
 
 
+def t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1
+    )
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def bert_config(**extra):
+    return transformers.BertConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, pad_token_id=0, **extra,
+    )
+
+
+def bert_classifier():
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(bert_config(num_labels=3)).eval()
+
+
+def model_logits(model, ids):
+    """Logits of a causal LM, a classifier or (with the first tokens as decoder input) a seq2seq model."""
+    extra = {"decoder_input_ids": ids[:, :5]} if model.config.model_type == "t5" else {}
+    with torch.no_grad():
+        return model(input_ids=ids, **extra).logits
+
+
+@pytest.mark.parametrize(
+    "make,task,heads",
+    [(lambda: build("gpt2"), "CAUSAL_LM", None), (t5, "SEQ_2_SEQ_LM", None), (bert_classifier, "SEQ_CLS", ["classifier"])],
+    ids=["gpt2", "t5", "bert-classifier"],
+)
+def test_peft_export_task_type_and_trained_head(make, task, heads, tmp_path):
+    """The adapter carries the trained modules_to_save; PEFT's own loader on the untouched base gives the model's logits."""
+    model = get_lowrank_model(make(), LowRankConfig(mode="residual", rank=4)).eval()
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name in model.modules_to_save():
+            for p in model.base_model.get_submodule(name).parameters():
+                p.add_(0.5)  # the head trained
+    ids = sample_ids()
+    config = export_peft_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["task_type"] == task == config.task_type and cfg["modules_to_save"] == heads
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    extra = sorted(k for k in tensors if ".lora_" not in k)
+    assert extra == ([] if heads is None else ["base_model.model.classifier.bias", "base_model.model.classifier.weight"])
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(make(), tmp_path).eval()
+    torch.testing.assert_close(model_logits(peft_model, ids), model_logits(model, ids), atol=ATOL, rtol=0)
+
+
+def test_peft_task_types_follow_the_model_class():
+    from hf_lowrank.peft_interop import peft_task_type
+
+    torch.manual_seed(0)
+    classes = {
+        transformers.BertForTokenClassification: "TOKEN_CLS",
+        transformers.BertForQuestionAnswering: "QUESTION_ANS",
+        transformers.BertModel: "FEATURE_EXTRACTION",
+        transformers.BertForMaskedLM: None,  # PEFT has no masked-LM task
+    }
+    assert {cls: peft_task_type(cls(bert_config())) for cls in classes} == classes
+
+
+def test_peft_export_refuses_trainable_parameters_it_would_leave_out(tmp_path):
+    model = residual_model()
+    model.base_model.transformer.ln_f.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"outside the adapters and modules_to_save \[\] are trainable: \['transformer\.ln_f\.weight'\]"):
+        export_peft_adapter(model, tmp_path / "a")
+    export_peft_adapter(model, tmp_path / "b", base_model=build("gpt2"))  # checked unchanged against the base: exported
+    with torch.no_grad():
+        model.base_model.transformer.ln_f.weight.add_(0.1)
+    with pytest.raises(ValueError, match=r"outside its residual adapters and modules_to_save.*transformer\.ln_f\.weight"):
+        export_peft_adapter(model, tmp_path / "c", base_model=build("gpt2"))
+
+
 # -- PEFT import ------------------------------------------------------------------------------
 
 
@@ -356,6 +445,27 @@ def test_peft_import_starts_rank_growth_from_an_adapter(family, tmp_path):
     export_peft_adapter(plain, tmp_path / "again")  # and back to PEFT, the same tensors
     before, after = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_peft_import_of_a_classifier_with_its_head(tmp_path):
+    """A PEFT sequence-classification adapter carries the trained head in modules_to_save; it comes back, and trains."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False, task_type="SEQ_CLS")
+    peft_model = get_peft_model(bert_classifier(), lora).eval()
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)  # the head trained
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = sample_ids()
+    model = import_peft_adapter(bert_classifier(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(model_logits(model, ids), model_logits(peft_model, ids), atol=ATOL, rtol=0)
+    assert model.lowrank_config.modules_to_save == ["classifier"] and model.modules_to_save() == ["classifier"]
+    assert model.base_model.classifier.weight.requires_grad and not model.base_model.bert.embeddings.word_embeddings.weight.requires_grad
+
+    export_peft_adapter(model, tmp_path / "again")  # and back: PEFT's own keys for the head
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    torch.testing.assert_close(again["base_model.model.classifier.weight"], model.base_model.classifier.weight)
 
 
 def test_peft_import_rslora_and_from_a_repo_id(tmp_path, hub):
