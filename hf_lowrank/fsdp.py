@@ -32,9 +32,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -193,7 +194,8 @@ def _rebuild(state: Any, placements: dict[int, Any], ignored: set[int]) -> dict[
         lambda p: placements.get(id(p)), old.mp_policy, old.offload_policy,
     )
     for attr in _GROUP_SETTINGS:
-        setattr(new, attr, getattr(old, attr))
+        if hasattr(old, attr):  # a setting this torch's FSDP2 does not have is not one the user set
+            setattr(new, attr, getattr(old, attr))
     # The old group's state-dict hooks would reshard parameters that no longer exist.
     for handles in (old._module_to_pre_save_state_dict_hook_handle, old._module_to_pre_load_state_dict_hook_handle):
         for handle in handles.values():
@@ -294,7 +296,10 @@ def save_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike,
     strategy's state (``lowrank_state.json``) into a staging folder renamed onto ``folder``
     when complete. A collective every process enters.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
 
     folder = Path(folder)
     main = _rank() == 0
@@ -332,7 +337,9 @@ def load_model(model: nn.Module, folder: str | os.PathLike, optimizer: Any = Non
     ``optimizer``, if given, regrouped onto the new parameters), so every tensor loads into a
     parameter of its saved shape. A collective every process enters; each reads ``folder``.
     """
-    from transformers.utils import SAFE_WEIGHTS_NAME  # the name LowRankModel.save_pretrained writes
+    from transformers.utils import (
+        SAFE_WEIGHTS_NAME,  # the name LowRankModel.save_pretrained writes
+    )
 
     folder = Path(folder)
     saved = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
@@ -343,7 +350,7 @@ def load_model(model: nn.Module, folder: str | os.PathLike, optimizer: Any = Non
         model.apply_rank_pattern(saved.rank_pattern)
         if optimizer is not None:
             frobenius = model.lowrank_config.frobenius_decay > 0
-            optim.regroup(optimizer, model.named_parameters(), before, decays=lambda n, p: optim._decays(n, p, frobenius))
+            optim.regroup(optimizer, model.named_parameters(), before, decays=lambda n, p: optim.decays(n, p, frobenius))
     with gathered_model(model, write_back=True):
         model.load_weights(folder / SAFE_WEIGHTS_NAME)
 
@@ -355,7 +362,10 @@ def load_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike,
     ``optimizer=None`` to restore the model and strategy alone). Every process reads
     ``folder`` (a shared filesystem, or a copy per machine). A collective every process enters.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     folder = Path(folder)
     load_model(model, folder, optimizer)

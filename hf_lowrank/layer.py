@@ -51,6 +51,26 @@ def _balanced(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, ones: bool = F
     return u * root, root[:, None] * vh  # (out, r), (r, in)
 
 
+def _solve(fn, *args, **kwargs):
+    """Run an SVD or QR routine; any solver failure comes out as ``torch.linalg.LinAlgError``.
+
+    cuSOLVER and some CPU paths raise a plain ``RuntimeError``; callers of a transition then
+    handle one exception type. Out-of-memory is not a solver failure and passes through.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (torch.linalg.LinAlgError, torch.OutOfMemoryError):
+        raise
+    except RuntimeError as e:
+        raise torch.linalg.LinAlgError(f"{getattr(fn, '__name__', fn)} failed: {e}") from e
+
+
+def _check_finite(op: str, *tensors: torch.Tensor) -> None:
+    """Refuse to write non-finite factors (an SVD can return NaN without raising)."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise torch.linalg.LinAlgError(f"{op}: the SVD gave non-finite factors, so the layer is left as it was")
+
+
 class LowRankLinear(nn.Module):
     """A linear layer that is dense, factorized (``W = B A``) or residual (``W = W0 + s B A``)."""
 
@@ -69,6 +89,9 @@ class LowRankLinear(nn.Module):
         self.register_parameter("A", None)
         self.register_parameter("B", None)
         self.register_parameter("base_weight", None)
+        # 1 for the active components, 0 past the rank: a compiled forward multiplies at the full
+        # capacity and masks, so growing changes a buffer's values, never a traced shape.
+        self.register_buffer("rank_mask", None, persistent=False)
 
     # -- shape and reporting -------------------------------------------------------------------
 
@@ -114,10 +137,20 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "dense":
             return F.linear(x, self.weight, self.bias)
-        B, A = self.active_factors()
+        mask = self.rank_mask
+        if mask is not None and torch.compiler.is_compiling():
+            # Compiled: the whole capacity, times a 0/1 mask of the active components. Growth
+            # then changes the mask's values, not the graph (slicing at the rank bakes the rank
+            # into the graph, one recompile per growth). Same outputs and gradients: masked
+            # components get none, as sliced-off ones do.
+            h = F.linear(x, self.A)  # (..., capacity)
+            h, B = h * mask.to(h.dtype), self.B
+        else:
+            B, A = self.active_factors()
+            h = F.linear(x, A)  # (..., r)
         if self.mode == "factorized":
-            return F.linear(F.linear(x, A), B, self.bias)  # (..., r) -> (..., out)
-        return F.linear(x, self.base_weight, self.bias) + self.scaling * F.linear(F.linear(x, A), B)
+            return F.linear(h, B, self.bias)  # (..., r) -> (..., out)
+        return F.linear(x, self.base_weight, self.bias) + self.scaling * F.linear(h, B)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -141,6 +174,7 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(B.to(ref.device, ref.dtype).contiguous())
         self.A = nn.Parameter(A.to(ref.device, ref.dtype).contiguous())
         self.rank = rank
+        self.rank_mask = (torch.arange(self.A.shape[0], device=self.A.device) < rank).to(self.A.dtype)
 
     def _pad(self, B: torch.Tensor, A: torch.Tensor, capacity: int, init_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Extend factors of rank r to ``capacity`` with inactive components (B = 0, A random)."""
@@ -160,21 +194,29 @@ class LowRankLinear(nn.Module):
     # -- transitions ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_factorized(self, rank: int, capacity: int | None = None, init: str = "kaiming", init_scale: float = 1.0) -> None:
-        """Dense -> factorized with freshly initialised factors (the dense weight is only read by spectral inits)."""
+    def init_factorized(
+        self, rank: int, capacity: int | None = None, init: str = "kaiming", init_scale: float = 1.0, zero_inactive: bool = True
+    ) -> None:
+        """Dense -> factorized with freshly initialised factors (the dense weight is only read by spectral inits).
+
+        ``zero_inactive`` sets ``B = 0`` beyond ``rank``, so that growing is exact; ``False``
+        keeps those components as initialised (random for Kaiming, the next singular
+        directions for a spectral init), the InRank authors' layout, where growing adds them.
+        """
         capacity = capacity or rank
         self._check_sizes(rank, capacity)
         ref = self._ref()
         if init in ("spectral", "spectral-ones"):
-            u, s, vh = torch.linalg.svd(self.dense_weight(), full_matrices=False)
+            u, s, vh = _solve(torch.linalg.svd, self.dense_weight(), full_matrices=False)
             B, A = _balanced(u[:, :capacity], s[:capacity], vh[:capacity], ones=init == "spectral-ones")
             B, A = B * init_scale, A * init_scale
-            B[:, rank:] = 0
+            _check_finite("init_factorized", B, A)
         else:
             A = _kaiming(capacity, self.in_features, ref, init_scale)
             B = _kaiming(self.out_features, capacity, ref, init_scale)
             if init == "zero_b":
                 B.zero_()
+        if zero_inactive:
             B[:, rank:] = 0
         self._drop_dense()
         self._set_factors(B, A, rank, ref)
@@ -191,10 +233,11 @@ class LowRankLinear(nn.Module):
         self._check_sizes(rank, capacity)
         ref = self._ref()
         if self.mode == "factorized":
-            u, s, vh = factor_svd(*self.active_factors())
+            u, s, vh = _solve(factor_svd, *self.active_factors())
         else:
-            u, s, vh = torch.linalg.svd(self.dense_weight(), full_matrices=False)
+            u, s, vh = _solve(torch.linalg.svd, self.dense_weight(), full_matrices=False)
         B, A = _balanced(u[:, :capacity], s[:capacity], vh[:capacity], ones=ones)
+        _check_finite("to_factorized", B, A)
         B[:, rank:] = 0
         B, A = self._pad(B, A, capacity, 1.0)
         self._drop_dense()
@@ -212,19 +255,22 @@ class LowRankLinear(nn.Module):
         capacity = capacity or rank
         self._check_sizes(rank, capacity)
         ref = self._ref()
-        u, s, vh = factor_svd(*self.active_factors())
+        u, s, vh = _solve(factor_svd, *self.active_factors())
         B, A = _balanced(u[:, :rank], s[:rank], vh[:rank])
+        _check_finite("truncate", B, A)
         B, A = self._pad(B, A, capacity, 1.0)
         self._set_factors(B, A, rank, ref)
 
     def grow(self, rank: int) -> None:
-        """Activate more components up to the capacity; exact because inactive ``B`` columns are zero."""
+        """Activate more components up to the capacity; exact when inactive ``B`` columns are zero (the default layout)."""
         if self.mode == "dense":
             raise ValueError("grow needs a factorized or residual layer.")
         self._check_sizes(rank, self.capacity)
         if rank < self.rank:
             raise ValueError(f"grow: rank {rank} is below the current rank {self.rank}; use truncate to shrink.")
         self.rank = rank
+        with torch.no_grad():
+            self.rank_mask[:rank] = 1  # in place: compiled graphs and DDP keep the same buffer
 
     @torch.no_grad()
     def to_dense(self) -> None:
@@ -234,6 +280,7 @@ class LowRankLinear(nn.Module):
         ref = self._ref()
         w = self.dense_weight().to(ref.dtype)
         self.A = self.B = self.base_weight = None
+        self.rank_mask = None
         self.weight = nn.Parameter(w.contiguous())
         self.rank, self.scaling, self.mode = None, 1.0, "dense"
         if self.bias is not None:
@@ -259,7 +306,8 @@ class LowRankLinear(nn.Module):
         ref = self._ref()
         w0 = self.dense_weight()
         if base == "orthogonal":
-            nn.init.orthogonal_(w0)
+            _solve(nn.init.orthogonal_, w0)  # a QR
+            _check_finite("to_residual", w0)
         A = _kaiming(capacity, self.in_features, ref, init_scale)
         B = torch.zeros(self.out_features, capacity, device=ref.device, dtype=ref.dtype)
         self.weight = None

@@ -440,6 +440,7 @@ class LowRankModel(nn.Module):
         A transition whose SVD fails (``torch.linalg.LinAlgError``: it raised, or gave
         non-finite factors) leaves its layer as it was: the SVD comes before any parameter is
         replaced. The other changes still apply; the skipped ones are warned and returned.
+        When every change is skipped, the plan's learning-rate factor and re-warm are not applied.
         """
         layers = self.lowrank_layers()
         before = dict(self.named_parameters())
@@ -453,14 +454,18 @@ class LowRankModel(nn.Module):
         replaced = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
         if replaced and optimizer is not None:
             frob = self.lowrank_config.frobenius_decay > 0
-            optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim._decays(n, p, frob))
-        if plan.lr_factor != 1.0:
+            optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim.decays(n, p, frob))
+        # The learning-rate change goes with the layer changes: when all of them were skipped the
+        # model is the one the schedule was set for (a failed Cuttlefish switch stays dense).
+        retune = not plan.changes or len(skipped) < len(plan.changes)
+        if retune and plan.lr_factor != 1.0:
             self.lr_adjust.scale(optimizer, lr_scheduler, plan.lr_factor)
-        if plan.rewarm_steps > 0 and step is not None:
+        if retune and plan.rewarm_steps > 0 and step is not None:
             self.lr_adjust.start_rewarm(step, plan.rewarm_steps)
         self.plan_history.append({"step": step, **plan.to_dict(), "skipped": skipped})
-        for message in skipped:
-            warnings.warn(message, stacklevel=2)
+        if distributed.world()[0] == 0:  # every process skips the same change; one warns
+            for message in skipped:
+                warnings.warn(message, stacklevel=2)
         return skipped
 
     @staticmethod

@@ -37,9 +37,11 @@ def inner_scheduler(scheduler: Any) -> Any:
     return getattr(scheduler, "scheduler", scheduler)
 
 
-def _decays(name: str, p: nn.Parameter, frobenius: bool) -> bool:
-    # nanoGPT's rule: matrices decay, vectors (biases, norms) do not; factors under Frobenius
-    # decay get that penalty instead of plain weight decay.
+def decays(name: str, p: nn.Parameter, frobenius: bool) -> bool:
+    """Whether a parameter takes plain weight decay: matrices do, vectors (biases, norms) do not (nanoGPT's rule).
+
+    Factors under Frobenius decay get that penalty instead.
+    """
     return p.dim() >= 2 and not (frobenius and is_factor(name))
 
 
@@ -62,7 +64,7 @@ def param_groups(
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, f): [] for d in (True, False) for f in (False, True)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets[(_decays(name, p, frob), is_factor(name))].append(p)
+            buckets[(decays(name, p, frob), is_factor(name))].append(p)
     groups = []
     for (decay, factor), params in buckets.items():
         if params:

@@ -28,7 +28,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils.generic import can_return_loss, find_labels
 
-from . import distributed, optim
+from . import distributed, fsdp, optim
 from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
 from .files import read_json, write_json
@@ -242,14 +242,24 @@ class LowRankTrainer(Trainer):
         return self.model.decision_seconds
 
     def _rewrap(self) -> None:
-        """Rebuild DDP around the model after its parameters changed (never wrapping twice)."""
-        if not distributed.is_ddp(self.model_wrapped):
+        """Rebuild DDP around the model after its parameters changed (never wrapping twice).
+
+        Under ``torch_compile`` Accelerate compiles the DDP wrapper (compile comes last), so the
+        new wrapper is compiled again with the same settings. FSDP2 needs nothing here: it
+        shards in place, and ``update_ranks`` re-shards the changed units.
+        """
+        old = self.model_wrapped
+        compiled = isinstance(old, torch._dynamo.eval_frame.OptimizedModule)
+        ddp = old._orig_mod if compiled else old
+        if not distributed.is_ddp(ddp):
             return
         handler = self.accelerator.ddp_handler
-        new = distributed.rewrap_ddp(self.model_wrapped, **(handler.to_kwargs() if handler is not None else {}))
+        new = distributed.rewrap_ddp(ddp, **(handler.to_kwargs() if handler is not None else {}))
         if handler is not None:
             handler.register_comm_hook(new)
-        self.accelerator._models = [new if m is self.model_wrapped else m for m in self.accelerator._models]
+        if compiled:
+            new = torch.compile(new, **self.accelerator.state.dynamo_plugin.to_kwargs())
+        self.accelerator._models = [new if m is old else m for m in self.accelerator._models]
         self.model_wrapped = new
         self._rewrapped = True
 
@@ -277,6 +287,19 @@ class LowRankTrainer(Trainer):
     def lowrank_state(self) -> dict[str, Any]:
         """Everything besides tensors that resuming needs (see ``LowRankModel.lowrank_state_dict``)."""
         return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save; under FSDP2 every process gathers the full model and process 0 writes it.
+
+        The Trainer's own FSDP branch would hand ``_save`` a state dict of the wrapped model (or,
+        with ``SHARDED_STATE_DICT``, skip it), while resuming needs ``LowRankModel``'s files.
+        """
+        if not fsdp.is_sharded(self.model):
+            return super().save_model(output_dir, _internal_call)
+        with fsdp.gathered_model(self.model):
+            self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -346,8 +369,11 @@ class LowRankTrainer(Trainer):
             )
         state = read_json(state_file)
         saved = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
-        self.model.apply_rank_pattern(saved.rank_pattern)
-        self.model.load_weights(folder / WEIGHTS_NAME)
+        if fsdp.is_sharded(self.model):  # FSDP2 resumes after sharding: reshape and re-shard, then load the shards
+            fsdp.load_model(self.model, folder, self.optimizer)
+        else:
+            self.model.apply_rank_pattern(saved.rank_pattern)
+            self.model.load_weights(folder / WEIGHTS_NAME)
         self.model.load_lowrank_state_dict(state, source=str(state_file))
         self.nonfinite_steps = list(state.get("nonfinite_steps", []))
 
@@ -356,13 +382,22 @@ class LowRankTrainer(Trainer):
 
 
 _ATOMIC_LEFTOVER = re.compile(r"^\.(staging-.+|.+\.(old\d+|[a-z0-9_]{8}))$")
+_MOVED_ASIDE = re.compile(r"^\.(.+)\.old\d+$")
 
 
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
-    """Remove what a killed save left in ``output_dir``: ``.staging-checkpoint-N`` and ``.<name>.<tmp>`` folders."""
+    """Remove what a killed save left in ``output_dir``: ``.staging-checkpoint-N`` and ``.<name>.<tmp>`` folders.
+
+    ``.<name>.old<pid>`` without a ``<name>`` beside it is the only copy left (a kill between
+    ``atomic_directory``'s two renames), so it is renamed back to ``<name>`` instead.
+    """
     folder = Path(output_dir)
     if not folder.is_dir():
         return
-    for entry in folder.iterdir():
+    for entry in sorted(folder.iterdir()):
         if entry.is_dir() and _ATOMIC_LEFTOVER.match(entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
+            aside = _MOVED_ASIDE.match(entry.name)
+            if aside and not (folder / aside.group(1)).exists():
+                os.replace(entry, folder / aside.group(1))
+            else:
+                shutil.rmtree(entry, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Two-process DDP on CPU (gloo): identical rank decisions, one writer, resume, same result as one process.
+"""Two-process DDP on CPU (gloo): identical rank decisions, one writer, resume, same result as one process, compiled.
 
 The run (tests/ddp_train.py) is a tiny GPT-2 with InRank on the MLP: ranks grow from step 4 and
 stage 2 truncates them at step 8 of 16, replacing the factors (new shapes), so the trainer
@@ -23,11 +23,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, nproc: int, batch: int, resume: str | None = None) -> list[dict]:
+def launch(out: Path, nproc: int, batch: int, resume: str | None = None, compile_: bool = False) -> list[dict]:
     """Run ddp_train.py on ``nproc`` processes; returns each process's record."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
         "--master_port", str(free_port()), str(SCRIPT), str(out), str(batch), *([resume] if resume else []),
+        *(["--compile"] if compile_ else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -67,3 +68,10 @@ def test_two_processes_agree_and_match_one_process(tmp_path):
     steps = sorted(one[0]["losses"], key=int)
     assert len(steps) == 16
     assert [two[0]["losses"][s] for s in steps] == pytest.approx([one[0]["losses"][s] for s in steps], rel=2e-2)
+
+    # torch_compile=True: Accelerate compiles the DDP wrapper, so stage 2 re-wraps inside the compiled
+    # module; a DDP left around the replaced parameters fails in the next backward
+    compiled = launch(tmp_path / "compiled", nproc=2, batch=4, compile_=True)
+    assert [p["compiled"] for p in compiled] == [True, True] and compiled[0]["ddp"] == "DistributedDataParallel"
+    assert compiled[0]["rank_pattern"] == compiled[1]["rank_pattern"] == two[0]["rank_pattern"]
+    assert [compiled[0]["losses"][s] for s in steps] == pytest.approx([two[0]["losses"][s] for s in steps], rel=1e-4)
