@@ -1,7 +1,8 @@
 """Crashes, atomic writes, numerical faults, bad input, and memory over a long run of rank changes.
 
 The crash tests run tests/helpers_train.py in a subprocess, stop it at a chosen point and kill
-it with SIGKILL; the reference and resumed runs are the same code run in-process.
+it with SIGKILL; the reference and resumed runs are the same code run in-process. NaN losses,
+failing transitions, full disks and damaged checkpoints in a training run: tests/test_faults.py.
 """
 
 import gc
@@ -276,6 +277,13 @@ def test_trainer_refuses_a_model_that_is_not_lowrank(tmp_path):
     assert raised_here(e)
 
 
+def test_trainer_refuses_a_bad_max_nonfinite_steps(tmp_path):
+    trainer = build_trainer(tmp_path, save_strategy="no")
+    with pytest.raises(ValueError, match=r"LowRankTrainer\.max_nonfinite_steps=0 is not allowed; give an int >= 1") as e:
+        LowRankTrainer(model=trainer.model, args=trainer.args, max_nonfinite_steps=0)
+    assert raised_here(e)
+
+
 @pytest.mark.parametrize(
     "strategy, args, field",
     [
@@ -308,12 +316,27 @@ def test_sizes_and_names_that_do_not_fit_the_model_are_refused(config, message):
     assert raised_here(e)
 
 
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_regex_that_does_not_compile_names_the_field(field):
+    with pytest.raises(ValueError, match=rf"LowRankConfig\.{field}='\(\[' is not allowed; a string is a regex .* does not compile") as e:
+        LowRankConfig(**{"target_modules": ["c_fc"], field: "(["})
+    assert raised_here(e)
+
+
+def test_a_config_can_be_a_dict_of_fields_and_a_wrong_key_is_named():
+    model = get_lowrank_model(tiny_gpt2(), {"target_modules": ["c_fc"], "rank": 8})
+    assert {layer.rank for layer in model.lowrank_layers().values()} == {8}
+    with pytest.raises(ValueError, match=r"unknown LowRankConfig field\(s\) \['rnak'\]; known fields are") as e:
+        get_lowrank_model(tiny_gpt2(), {"rnak": 8})
+    assert raised_here(e)
+
+
 def test_a_rank_pattern_too_large_for_its_layer_names_the_file(tmp_path):
     get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).save_pretrained(tmp_path)
     saved = read_json(tmp_path / "lowrank_config.json")
     saved["rank_pattern"][BROKEN].update(rank=1000, capacity=1000)
     write_json(tmp_path / "lowrank_config.json", saved)
-    with pytest.raises(ValueError, match=r"lowrank_config\.json.*rank=1000, capacity=1000 not allowed") as e:
+    with pytest.raises(ValueError, match=rf"lowrank_config\.json: rank_pattern\['{BROKEN}'\] has rank=1000, capacity=1000, not allowed") as e:
         LowRankModel.from_pretrained(tmp_path)
     assert raised_here(e)
 

@@ -65,9 +65,13 @@ def test_checkpoints_are_renamed_into_place(uninterrupted):
 
 @pytest.fixture
 def trained(tmp_path):
-    """A trainer after 4 optimizer steps (Adam moments exist) and no rank change yet."""
+    """A trainer after 4 optimizer steps (Adam moments exist) and no rank change yet.
+
+    The fixed strategy at InRank's starting layout (r + b = 2 + 4 = 6 of capacity 16): nothing
+    changes on its own, the tests apply plans by hand.
+    """
     trainer = build_trainer(
-        tmp_path, {"strategy_args": {"warmup_steps": 1000, "stage2_at": None}}, max_steps=4, save_strategy="no"
+        tmp_path, {"strategy": "fixed", "strategy_args": {}, "rank": 6, "capacity": 16}, max_steps=4, save_strategy="no"
     )
     trainer.train()
     assert not trainer.plan_history
@@ -92,7 +96,7 @@ def test_growth_keeps_the_loss_and_the_optimizer_state(trained):
     params = dict(trained.model.named_parameters())
     plan = Plan([LayerChange(n, "grow", rank=layer.rank + 3) for n, layer in layers.items()])
     trained.apply_plan(plan, step=trained.state.global_step)
-    assert all(layer.rank == 9 < layer.capacity for layer in layers.values()), "r + b = 6, plus 3"
+    assert all(layer.rank == 9 < layer.capacity for layer in layers.values()), "6, plus 3"
 
     # Newly active components have B = 0: the function is the same up to summation order.
     torch.testing.assert_close(fixed_batch_loss(trained.model), before_loss, rtol=1e-6, atol=1e-7)
