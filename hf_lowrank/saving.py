@@ -1,0 +1,420 @@
+"""Saving and loading a LowRankModel: safetensors and JSON only, with the rank pattern.
+
+The functions behind ``LowRankModel.save_pretrained`` / ``load_weights`` / ``from_pretrained``.
+They read the model through its public methods (``lowrank_layers``, ``rank_pattern``,
+``modules_to_save``, ``base_model``), so this module sits below model.py; ``load`` takes the
+wrapper class to build.
+
+A folder holds ``config.json`` (transformers' config, with a field that makes transformers'
+own loaders refuse it), ``lowrank_config.json`` (the LowRankConfig with its rank pattern) and
+``model.safetensors`` (or shards with an index); an adapter-only save holds
+``lowrank_adapter.safetensors`` and the fingerprints of the base it goes onto instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from torch import nn
+
+from .checks import check_bool, fail
+from .config import CONFIG_NAME, LowRankConfig
+from .files import (
+    atomic_directory,
+    check_shard_size,
+    fingerprint,
+    index_name,
+    metadata_json,
+    read_json,
+    read_weights,
+    weight_files,
+    write_json,
+    write_weights,
+)
+from .hub import resolve_folder
+from .layer import SUPPORTED_TYPES
+
+if TYPE_CHECKING:
+    from .model import LowRankModel
+
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_WEIGHTS_NAME = "lowrank_adapter.safetensors"  # adapter-only save: factors, modules_to_save, trainable tensors
+BASE_FINGERPRINT_NAME = "lowrank_base.json"  # adapter-only save: fingerprints of the tensors the base supplies
+MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
+# A config.json field transformers checks before reading any weight: a saved LowRankModel sets it to a
+# text that is no weights file name, so AutoModel*.from_pretrained fails with that text instead of
+# loading the model with random weights where the low-rank layers are.
+TRANSFORMERS_GUARD = "transformers_weights"
+TRANSFORMERS_REFUSAL = (
+    "this folder holds an hf_lowrank LowRankModel, whose low-rank layers transformers cannot load: load it with "
+    "hf_lowrank.LowRankModel.from_pretrained(folder), or merge it into a plain transformers model first with "
+    "LowRankModel.from_pretrained(folder).merge_and_unload().save_pretrained(out)"
+)
+
+
+def state_dict_for_save(lowrank, trim: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors to save (factors sliced to the active rank when ``trim``) and aliases of tied tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple, str] = {}
+    layers = lowrank.lowrank_layers()
+    for name, tensor in lowrank.base_model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
+        if key is not None and key in first_name:
+            aliases[name] = first_name[key]
+            continue
+        if key is not None:
+            first_name[key] = name
+        owner, _, leaf = name.rpartition(".")
+        layer = layers.get(owner)
+        if trim and layer is not None and leaf in ("A", "B"):
+            tensor = tensor[: layer.rank] if leaf == "A" else tensor[:, : layer.rank]
+        tensors[name] = tensor
+    return tensors, aliases
+
+def _adapter_keys(lowrank) -> set[str]:
+    """State-dict keys an adapter-only save holds: the factors, ``modules_to_save`` and every trainable tensor."""
+    keys = {n for n, p in lowrank.base_model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    for name, layer in lowrank.lowrank_layers().items():
+        keys.update(f"{name}.{leaf}" for leaf in ("A", "B") if getattr(layer, leaf) is not None)
+    kept = tuple(f"{m}." for m in lowrank.modules_to_save())
+    keys.update(k for k in lowrank.base_model.state_dict() if k.startswith(kept))
+    return keys
+
+def _split_adapter(
+    lowrank, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+    """The adapter part of a save, and the fingerprints of the frozen rest, which the base must supply on loading."""
+
+    residual = [n for n, layer in lowrank.lowrank_layers().items() if layer.mode == "residual"]
+    if residual and lowrank.lowrank_config.residual_base == "orthogonal":
+        raise ValueError(
+            f"save_pretrained(adapter_only=True): LowRankConfig.residual_base='orthogonal' made the frozen W0 of "
+            f"the {len(residual)} residual layer(s) ({residual[0]!r}, ...) random orthogonal matrices that no base "
+            "model holds; save the full model (adapter_only=False)."
+        )
+    keep = _adapter_keys(lowrank)
+    state = lowrank.base_model.state_dict()
+    saved = {k: v for k, v in tensors.items() if k in keep}
+    saved_aliases = {}
+    for alias, source in aliases.items():
+        if alias in keep and source in saved:
+            saved_aliases[alias] = source
+        elif alias in keep:  # tied to a frozen tensor: the kept name carries its own copy
+            saved[alias] = state[alias]
+    hashes: dict[tuple, str] = {}  # tied tensors are hashed once
+    prints = {}
+    for name in sorted(set(state) - keep):
+        t = state[name]
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if key not in hashes:
+            hashes[key] = fingerprint(t)
+        prints[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "sha256": hashes[key]}
+    dtype = next((p.dtype for p in lowrank.base_model.parameters() if p.is_floating_point()), torch.float32)
+    return saved, saved_aliases, {"dtype": str(dtype).removeprefix("torch."), "tensors": prints}
+
+def save(
+    lowrank,
+    save_directory: str | os.PathLike,
+    trim: bool = True,
+    is_main_process: bool = True,
+    adapter_only: bool = False,
+    max_shard_size: int | str = MAX_SHARD_SIZE,
+    safe_serialization: bool = True,
+) -> None:
+    """Write ``config.json``, ``lowrank_config.json`` (with the rank pattern) and the tensors as safetensors.
+
+    The folder is written next to ``save_directory`` and renamed into place, so a crash
+    leaves the previous contents intact. ``trim`` slices factors to the active rank (the
+    saved model then has capacity = rank); checkpoints for resuming keep the capacity.
+    Tensors go to ``model.safetensors``, or to shards with ``model.safetensors.index.json``
+    once they exceed ``max_shard_size`` (an int in bytes or a string such as ``"5GB"``), as
+    transformers writes them. ``safe_serialization`` must stay True: nothing is pickled.
+
+    ``adapter_only`` writes, instead, ``lowrank_adapter.safetensors`` with only the factors,
+    ``modules_to_save`` and trainable tensors, and ``lowrank_base.json`` with fingerprints
+    of everything else, which :meth:`from_pretrained` takes from the base model
+    (``LowRankConfig.base_model_name_or_path``, or ``base_model=``) and checks. The
+    ``config.json`` written makes transformers' own loaders refuse the folder with a message
+    pointing here, instead of loading it with random weights.
+    """
+
+    check_bool("save_pretrained.trim", trim)
+    check_bool("save_pretrained.adapter_only", adapter_only)
+    check_shard_size("save_pretrained.max_shard_size", max_shard_size)
+    if safe_serialization is not True:
+        fail(
+            "save_pretrained.safe_serialization", safe_serialization,
+            "hf_lowrank writes safetensors only and never pickles (loading one could run code); leave it True",
+        )
+    if not is_main_process:
+        return
+    config = LowRankConfig.from_dict({**lowrank.lowrank_config.to_dict(), "rank_pattern": lowrank.rank_pattern(trim=trim)})
+    tensors, aliases = state_dict_for_save(lowrank, trim=trim)
+    base = None
+    if adapter_only:
+        tensors, aliases, base = _split_adapter(lowrank, tensors, aliases)
+    lowrank.base_model.config.architectures = [type(lowrank.base_model).__name__]
+    with atomic_directory(save_directory) as tmp:
+        lowrank.base_model.config.save_pretrained(tmp)
+        # transformers validates this field before reading any weight, so its loaders fail with our text
+        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), TRANSFORMERS_GUARD: TRANSFORMERS_REFUSAL})
+        if getattr(lowrank.base_model, "generation_config", None) is not None and lowrank.base_model.can_generate():
+            lowrank.base_model.generation_config.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        metadata = {"format": "pt", "aliases": json.dumps(aliases)}
+        write_weights(tmp, tensors, ADAPTER_WEIGHTS_NAME if adapter_only else WEIGHTS_NAME, metadata, max_shard_size)
+        if base is not None:
+            write_json(tmp / BASE_FINGERPRINT_NAME, base)
+        extra = Path(save_directory)
+        if extra.is_dir():  # keep files others wrote there (trainer state, tokenizer, optimizer), not old weights
+            for f in extra.iterdir():
+                if not (tmp / f.name).exists() and not _is_weights_file(f.name):
+                    os.replace(f, tmp / f.name)
+
+def _is_weights_file(name: str) -> bool:
+    """Whether ``name`` is weights this class writes (one file, shards, index, base fingerprints), which a new save replaces."""
+    stem = name.split(".", 1)[0].split("-", 1)[0]  # model-00001-of-00002.safetensors -> model
+    weights = stem in ("model", "lowrank_adapter") and name.endswith((".safetensors", ".safetensors.index.json"))
+    return weights or name == BASE_FINGERPRINT_NAME
+
+def load_weights(lowrank, path: str | os.PathLike) -> None:
+    """Load saved tensors whose shapes match the current rank pattern, strictly.
+
+    ``path`` is a saved folder or its ``model.safetensors`` (a sharded checkpoint is read
+    through its index). An adapter-only folder (``lowrank_adapter.safetensors``) loads its
+    tensors over the model, whose other tensors must match ``lowrank_base.json``. Factors
+    past a layer's active rank must have ``B = 0`` (the layer's invariant).
+    """
+
+    path = Path(path)
+    folder, names = (path, (WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)) if path.is_dir() else (path.parent, (path.name,))
+    for name in names:
+        files = weight_files(folder, name)
+        if files is not None:
+            break
+    else:
+        raise FileNotFoundError(f"{folder / names[0]}: file not found (nor its shards' index {index_name(names[0])}).")
+    adapter = name == ADAPTER_WEIGHTS_NAME
+    tensors, source, metadata = read_weights(files)
+    for file, meta in metadata.items():
+        aliases = metadata_json(file, meta, "aliases", {})
+        if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise ValueError(f"{file}: metadata field 'aliases' is not an object of tensor names; save the model again.")
+        for alias, original in aliases.items():
+            if original not in tensors:
+                raise ValueError(f"{file}: tensor {alias!r} aliases {original!r}, which the checkpoint does not hold.")
+            tensors[alias], source[alias] = tensors[original], source[original]
+    expected = lowrank.base_model.state_dict()
+    missing = [] if adapter else sorted(set(expected) - set(tensors))  # an adapter's rest is the base, checked below
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(tensors) & set(expected)
+        if tensors[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{files[0] if len(files) == 1 else folder / index_name(name)} does not match the rank pattern in "
+            f"{CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}."
+        )
+    _check_inactive_components(lowrank, tensors, source)
+    if adapter:
+        _check_base(lowrank, folder / BASE_FINGERPRINT_NAME, expected, set(tensors))
+    lowrank.base_model.load_state_dict(tensors, strict=not adapter)
+
+def _check_inactive_components(lowrank, tensors: dict[str, torch.Tensor], source: dict[str, Path]) -> None:
+    """Refuse factors whose ``B`` columns past the active rank are non-zero: the rank pattern was edited."""
+    for name, layer in lowrank.lowrank_layers().items():
+        B = tensors.get(f"{name}.B")
+        if B is None or layer.mode == "dense" or B.shape[1] <= layer.rank or not bool(B[:, layer.rank :].ne(0).any()):
+            continue
+        raise ValueError(
+            f"{source[f'{name}.B']}: layer {name!r} has non-zero B[:, {layer.rank}:], past the rank {layer.rank} that "
+            f"{CONFIG_NAME} gives it (capacity {layer.capacity}); components past the active rank must have B = 0, or "
+            f"the loaded layer is not the saved one. Restore the rank save_pretrained wrote in {CONFIG_NAME}; to shrink "
+            "a rank, truncate the layer (LowRankLinear.truncate) and save again."
+        )
+
+def _check_base(lowrank, path: Path, state: dict[str, torch.Tensor], saved: set[str]) -> None:
+    """Refuse a base whose frozen tensors are not bit for bit those an adapter-only save was made on."""
+
+    record = read_json(path)
+    prints = record.get("tensors") if isinstance(record, dict) else None
+    if not isinstance(prints, dict) or not all(isinstance(v, dict) and {"dtype", "shape", "sha256"} <= set(v) for v in prints.values()):
+        raise ValueError(f"{path}: no 'tensors' object of {{dtype, shape, sha256}} entries; save the adapter again.")
+    layers = lowrank.lowrank_layers()
+    needed = sorted(set(state) - saved)
+    absent = [k for k in needed if k not in prints]
+    if absent:
+        raise ValueError(
+            f"{path}: the base model has tensors {absent[:5]} that the adapter was not saved with; "
+            "it is another architecture than the one the adapter was trained on."
+        )
+    differ = []
+    for key in needed:
+        want, have = prints[key], state[key]
+        owner, _, leaf = key.rpartition(".")
+        what = f"layer {owner!r} (frozen W0)" if owner in layers and leaf == "base_weight" else repr(key)
+        if list(have.shape) != want["shape"]:
+            differ.append(f"{what}: shape {tuple(have.shape)}, saved with {tuple(want['shape'])}")
+            continue
+        dtype = getattr(torch, str(want["dtype"]), None)
+        if not isinstance(dtype, torch.dtype) or fingerprint(have.to(dtype)) != want["sha256"]:
+            cast = f" (here {str(have.dtype).removeprefix('torch.')}, saved in {want['dtype']})" if have.dtype != dtype else ""
+            differ.append(f"{what}{cast}")
+    if differ:
+        raise ValueError(
+            f"{path}: the base model is not the one this adapter was trained on; its weights differ at "
+            f"{differ[:5]}{' ...' if len(differ) > 5 else ''} ({len(differ)} tensor(s)). Load the adapter onto that base "
+            f"(base_model_name_or_path={lowrank.lowrank_config.base_model_name_or_path!r}, in the dtype it was trained in), "
+            "or save the model in full (adapter_only=False) when a transition re-based W0."
+        )
+
+def _check_rank_pattern(path: Path, model: nn.Module, pattern: dict[str, dict[str, Any]]) -> None:
+    """Refuse ranks and capacities that do not fit the layers they name, naming the file and the layer."""
+    modules = dict(model.named_modules())
+    for name, spec in pattern.items():
+        module = modules.get(name)
+        if spec["mode"] == "dense" or not isinstance(module, SUPPORTED_TYPES):
+            continue  # names that are no linear layer are reported when the layers are injected
+        out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.T.shape
+        r, c, full = spec["rank"], spec["capacity"], min(in_f, out_f)
+        if not 1 <= r <= c <= full:
+            raise ValueError(
+                f"{path}: rank_pattern[{name!r}] has rank={r}, capacity={c}, not allowed for this {out_f}x{in_f} "
+                f"layer: need 1 <= rank <= capacity <= {full}. Restore the values save_pretrained wrote "
+                "(a trimmed save has capacity = rank)."
+            )
+
+def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` (or its old name ``torch_dtype``) as a floating torch dtype, or None."""
+
+    def resolve(field: str, value: torch.dtype | str | None) -> torch.dtype | None:
+        resolved = getattr(torch, value, None) if isinstance(value, str) else value
+        if resolved is not None and not (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+            fail(f"LowRankModel.from_pretrained.{field}", value, "give a floating torch dtype such as torch.bfloat16, or its name 'bfloat16'")
+        return resolved
+
+    new, old = resolve("dtype", dtype), resolve("torch_dtype", torch_dtype)
+    if new is not None and old is not None and new != old:
+        fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
+    return new or old
+
+def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str) -> nn.Module:
+    """The base model an adapter-only save names, from its local folder (safetensors only)."""
+    name = config.base_model_name_or_path
+    where = folder / CONFIG_NAME
+    if not name:
+        raise ValueError(
+            f"{where}: base_model_name_or_path is not recorded, so the base of this adapter-only save is unknown; "
+            "pass the model it was trained on: LowRankModel.from_pretrained(folder, base_model=model)."
+        )
+    if not Path(name).is_dir():
+        raise ValueError(
+            f"{where}: base_model_name_or_path={name!r} is not a local folder; load the base yourself and pass it: "
+            f"LowRankModel.from_pretrained(folder, base_model={model_class.__name__}.from_pretrained({name!r}))."
+        )
+    dtype = getattr(torch, dtype_name, None)
+    return model_class.from_pretrained(name, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto")
+
+def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folder: Path, keep_on_failure: bool) -> "LowRankModel":
+    """Wrap ``model`` with the saved layout and load the folder's tensors.
+
+    With ``keep_on_failure`` (a base the caller passed), a failure puts the replaced layers
+    and the ``requires_grad`` flags back, so the caller's model is left as it was given.
+    """
+    replaced = {n: m for n, m in model.named_modules() if n in config.rank_pattern}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        try:
+            wrapped = wrapper(model, config)
+        except ValueError as e:  # a rank pattern that does not fit the architecture
+            raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+        load_weights(wrapped, folder)
+    except Exception:
+        if keep_on_failure:
+            for name, module in replaced.items():
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        raise
+    return wrapped
+
+def load(
+    wrapper: type,
+    path_or_repo_id: str | os.PathLike,
+    model_class: type | None = None,
+    dtype: torch.dtype | str | None = None,
+    *,
+    base_model: nn.Module | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **hub_kwargs: Any,
+) -> "LowRankModel":
+    """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors.
+
+    ``dtype`` (``torch_dtype`` is its old name) casts the loaded model, as transformers'
+    ``from_pretrained`` does. ``hub_kwargs`` are ``revision``, ``cache_dir``, ``token``,
+    ``force_download``, ``local_files_only`` and ``subfolder``; any other keyword is refused.
+    An adapter-only save is loaded onto ``base_model`` (a plain transformers model, wrapped
+    in place, as PEFT's ``PeftModel.from_pretrained`` does) or, without it, onto the local
+    folder ``LowRankConfig.base_model_name_or_path`` names; the base's frozen tensors must
+    match the fingerprints saved with the adapter.
+    """
+
+    dtype = _load_dtype(dtype, torch_dtype)
+    if base_model is not None and (isinstance(base_model, wrapper) or not isinstance(base_model, nn.Module)):
+        raise ValueError(
+            f"LowRankModel.from_pretrained: base_model is a {type(base_model).__name__}; pass the plain transformers "
+            "model the adapter was trained on."
+        )
+    folder = resolve_folder(path_or_repo_id, where="LowRankModel.from_pretrained", **hub_kwargs)
+    for needed in ("config.json", CONFIG_NAME):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed}: missing; a LowRankModel folder holds config.json, {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    adapter = weight_files(folder, WEIGHTS_NAME) is None
+    if adapter and weight_files(folder, ADAPTER_WEIGHTS_NAME) is None:
+        raise FileNotFoundError(
+            f"{folder / WEIGHTS_NAME}: missing; a LowRankModel folder holds config.json, {CONFIG_NAME} and {WEIGHTS_NAME} "
+            f"(or its shards and {index_name(WEIGHTS_NAME)}), or, saved with adapter_only=True, {ADAPTER_WEIGHTS_NAME} "
+            f"and {BASE_FINGERPRINT_NAME}."
+        )
+    if base_model is not None and not adapter:
+        raise ValueError(
+            f"LowRankModel.from_pretrained: base_model= is for adapter-only saves, and {folder} holds the whole model "
+            f"({WEIGHTS_NAME}); leave base_model out."
+        )
+    model_config = transformers.AutoConfig.from_pretrained(folder)
+    if hasattr(model_config, TRANSFORMERS_GUARD):  # it is for transformers' loaders only
+        delattr(model_config, TRANSFORMERS_GUARD)
+    arch = (model_config.architectures or [None])[0]
+    if model_class is None:
+        model_class = getattr(transformers, arch, None) if arch else None
+        if model_class is None:
+            raise ValueError(f"{folder / 'config.json'}: no known 'architectures' entry ({arch!r}); pass model_class=.")
+    config = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+    if not adapter:
+        model = model_class(model_config)
+    elif base_model is not None:
+        if arch and type(base_model).__name__ != arch:
+            raise ValueError(
+                f"LowRankModel.from_pretrained: base_model is a {type(base_model).__name__}, but {folder / 'config.json'} "
+                f"was saved from a {arch}; pass the model the adapter was trained on."
+            )
+        model = base_model
+    else:
+        record = read_json(folder / BASE_FINGERPRINT_NAME)
+        model = _load_base(folder, config, model_class, str(record.get("dtype", "")) if isinstance(record, dict) else "")
+    _check_rank_pattern(folder / CONFIG_NAME, model, config.rank_pattern)
+    wrapped = _wrap_and_load(wrapper, model, config, folder, keep_on_failure=base_model is not None)
+    if (folder / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    if dtype is not None:
+        wrapped.to(dtype)
+    return wrapped.eval()  # as transformers' from_pretrained: no dropout until training calls train()
