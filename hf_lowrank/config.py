@@ -67,7 +67,8 @@ class LowRankConfig:
         default="factorized",
         metadata={
             "help": "Starting mode of each layer: 'dense' (W trainable), 'factorized' (W = B A) or 'residual' "
-            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) override it."
+            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) override it; "
+            "dynamic needs 'factorized' and refuses the others."
         },
     )
     residual_base: str = field(

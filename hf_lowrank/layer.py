@@ -5,7 +5,8 @@ The layer computes ``y = W x + bias`` with ``W`` of shape (out, in) whatever it 
 normalised here). Factors are ``B`` (out, capacity) and ``A`` (capacity, in); only the first
 ``rank`` components take part in the forward, so growing the rank changes no shape.
 
-Components beyond the active rank always have ``B[:, j] = 0``, which makes ``grow`` exact.
+Components beyond the active rank have ``B[:, j] = 0`` by default (``zero_inactive``), which
+makes ``grow`` exact; InRank's authors' layout keeps them random instead.
 The layer knows no strategy and no optimizer: transitions replace parameters, and the
 trainer carries optimizer state across by parameter name.
 """

@@ -155,7 +155,10 @@ class LowRankModel(nn.Module):
         spec = self.strategy.initial_spec(name, layer)
         if spec.mode == "factorized":
             before = layer.dense_weight() if c.base_model_name_or_path else None
-            layer.init_factorized(spec.rank, spec.capacity, init=self._init_kind(), init_scale=c.init_scale)
+            layer.init_factorized(
+                spec.rank, spec.capacity, init=self._init_kind(), init_scale=c.init_scale,
+                zero_inactive=self.strategy.zero_inactive,
+            )
             if before is not None:
                 change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
                 self.init_report[name] = float(change)

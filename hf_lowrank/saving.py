@@ -229,7 +229,13 @@ def load_weights(lowrank, path: str | os.PathLike) -> None:
     lowrank.base_model.load_state_dict(tensors, strict=not adapter)
 
 def _check_inactive_components(lowrank, tensors: dict[str, torch.Tensor], source: dict[str, Path]) -> None:
-    """Refuse factors whose ``B`` columns past the active rank are non-zero: the rank pattern was edited."""
+    """Refuse factors whose ``B`` columns past the active rank are non-zero: the rank pattern was edited.
+
+    Only where the strategy keeps that invariant (``zero_inactive``; InRank with the authors'
+    random inactive components does not).
+    """
+    if not lowrank.strategy.zero_inactive:
+        return
     for name, layer in lowrank.lowrank_layers().items():
         B = tensors.get(f"{name}.B")
         if B is None or layer.mode == "dense" or B.shape[1] <= layer.rank or not bool(B[:, layer.rank :].ne(0).any()):

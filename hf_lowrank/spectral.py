@@ -1,4 +1,4 @@
-"""Singular values and the rank metrics of ALGORITHMS.md.
+"""Singular values and the rank metrics the strategies decide with (see docs/methods.md).
 
 Everything here is computed in float32 whatever the training dtype, returns plain Python
 numbers or float32 tensors, and never raises on a degenerate spectrum: a zero or NaN spectrum
@@ -72,26 +72,45 @@ def energy_fraction(s: torch.Tensor, k: int) -> float:
     return float(e[:k].sum() / e.sum())
 
 
-def explained_ratio(s: torch.Tensor, k: int) -> float:
-    """InRank's ``rho(k) = 1 - Var(s with the top k set to 0) / Var(s)`` (unbiased variance).
+def explained_ratios(s: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """InRank's ``rho(k) = 1 - Var(s with the top k set to 0) / Var(s)`` for every ``k = 0 .. length``.
 
-    A flat spectrum (``Var(s) = 0``) explains nothing with fewer than all its entries, so the
-    ratio is 0.0 for ``k < len(s)`` and 1.0 at ``k = len(s)``, never NaN. The formula goes
-    negative when zeroing the top entries spreads the rest more than the whole (nearly flat
-    spectra); it is clamped to 0.0, which changes no ``rho(k) > alpha`` test with ``alpha >= 0``.
+    ``s`` is taken as the spectrum of a matrix with ``length`` singular values (default
+    ``len(s)``), padded with zeros: a rank-``k`` product of an (out, in) layer has
+    ``min(in, out)`` singular values of which all but ``k`` are zero, and the InRank authors
+    compute the ratio over all of them. The variance is unbiased, as ``torch.var``.
+
+    Returns a float64 tensor of ``length + 1`` ratios in [0, 1]. A flat spectrum (``Var(s) =
+    0``) explains nothing with fewer than all its entries: 0.0 below ``length``, 1.0 at it.
+    The formula goes negative when zeroing the top entries spreads the rest more than the
+    whole (nearly flat spectra); it is clamped to 0.0, which changes no ``rho(k) > alpha``
+    test with ``alpha >= 0``. A zero or non-finite spectrum gives 1.0 everywhere (nothing
+    left to explain).
     """
-    s = _clean(s)
-    if s is None:
-        return 1.0
-    s = s.sort(descending=True).values
-    if s.numel() < 2:
-        return 1.0
-    total = float(s.var(unbiased=True))
-    if total <= 1e-12 * float(s.max()) ** 2:
-        return 1.0 if k >= s.numel() else 0.0
-    rest = s.clone()
-    rest[:k] = 0
-    return max(0.0, 1.0 - float(rest.var(unbiased=True)) / total)
+    n = s.numel() if length is None else max(int(length), s.numel())
+    clean = _clean(s)
+    if clean is None or n < 2:
+        return torch.ones(n + 1, dtype=torch.float64)
+    x = torch.zeros(n, dtype=torch.float64)
+    x[: clean.numel()] = clean.double().sort(descending=True).values
+    # Sums over the entries left after zeroing the top k, for every k at once: suffix sums,
+    # which stay exact where only small entries are left (a prefix-sum difference would not).
+    zero = x.new_zeros(1)
+    rest_sum = torch.cat([x.flip(0).cumsum(0).flip(0), zero])
+    rest_sq = torch.cat([(x * x).flip(0).cumsum(0).flip(0), zero])
+    rest_var = (rest_sq - rest_sum**2 / n).clamp_min(0) / (n - 1)
+    total = float(rest_var[0])
+    if total <= 1e-12:  # flat (the maximum is 1 after _clean)
+        ratios = torch.zeros(n + 1, dtype=torch.float64)
+        ratios[n] = 1.0
+        return ratios
+    return (1.0 - rest_var / total).clamp(0.0, 1.0)
+
+
+def explained_ratio(s: torch.Tensor, k: int, length: int | None = None) -> float:
+    """``rho(k)`` of :func:`explained_ratios`: the spectrum padded with zeros to ``length`` entries."""
+    ratios = explained_ratios(s, length)
+    return float(ratios[min(max(k, 0), ratios.numel() - 1)])
 
 
 def effective_rank(s: torch.Tensor) -> float:
@@ -119,12 +138,17 @@ def scaled_stable_rank(s: torch.Tensor, xi: float, full_rank: int, floor_fractio
     return max(1, r, math.floor(floor_fraction * full_rank))
 
 
-def first_rank_above(s: torch.Tensor, threshold: float, start: int, stop: int) -> int:
+def first_rank_above(s: torch.Tensor, threshold: float, start: int, stop: int, length: int | None = None) -> int:
     """InRank's scan: the first ``k`` in ``[start, stop)`` with ``rho(k) > threshold``, else ``stop - 1``.
 
+    ``rho`` is taken over ``s`` padded with zeros to ``length`` entries (the layer's
+    ``min(in, out)``), as the authors' code takes it over every singular value of the product.
     Returns ``start`` when the range is empty.
     """
+    if stop <= start:
+        return start
+    ratios = explained_ratios(s, length)
     for k in range(start, stop):
-        if explained_ratio(s, k) > threshold:
+        if float(ratios[min(k, ratios.numel() - 1)]) > threshold:
             return k
-    return max(start, stop - 1)
+    return stop - 1

@@ -485,3 +485,105 @@ def test_singular_values_are_of_the_trainable_matrix(kind):
     s = layer.singular_values()
     assert s.shape == (4,)
     torch.testing.assert_close(s, torch.linalg.svdvals(layer.B[:, :4] @ layer.A[:4])[:4], atol=1e-5, rtol=1e-5)
+
+
+# -- numerical faults inside transitions --------------------------------------------------------
+
+
+def snapshot(layer: LowRankLinear) -> dict:
+    """Mode, sizes and every tensor of the layer (identity and values)."""
+    return {
+        "spec": layer.spec,
+        "tensors": {n: (p, p.detach().clone()) for n, p in layer.named_parameters()},
+    }
+
+
+def assert_unchanged(layer: LowRankLinear, before: dict) -> None:
+    assert layer.spec == before["spec"]
+    now = dict(layer.named_parameters())
+    assert now.keys() == before["tensors"].keys()
+    for name, (param, values) in before["tensors"].items():
+        assert now[name] is param and torch.equal(param, values), name
+
+
+def faulty_svd(monkeypatch, fault: str) -> None:
+    """``torch.linalg.svd`` that raises a plain RuntimeError (as cuSOLVER does) or returns NaN silently."""
+    real = torch.linalg.svd
+
+    def svd(*args, **kwargs):
+        if fault == "runtime_error":
+            raise RuntimeError("cusolver error: CUSOLVER_STATUS_EXECUTION_FAILED")
+        u, s, vh = real(*args, **kwargs)
+        return u, torch.full_like(s, float("nan")), vh
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+
+
+def prepared(op: str) -> tuple[LowRankLinear, callable]:
+    """A layer ready for ``op`` and the call that performs it."""
+    layer = LowRankLinear(make_base("linear", True))
+    if op in ("truncate", "to_factorized from factorized"):
+        layer.init_factorized(8, 12)
+        return layer, (lambda: layer.truncate(4)) if op == "truncate" else (lambda: layer.to_factorized(4))
+    if op == "init_factorized spectral":
+        return layer, lambda: layer.init_factorized(4, 8, init="spectral")
+    return layer, lambda: layer.to_factorized(4, 8)  # warm start's switch, from dense
+
+
+@pytest.mark.parametrize("fault", ["runtime_error", "nan"])
+@pytest.mark.parametrize("op", ["truncate", "to_factorized", "to_factorized from factorized", "init_factorized spectral"])
+def test_a_failing_or_nan_svd_raises_linalg_error_and_leaves_the_layer(monkeypatch, op, fault):
+    layer, transition = prepared(op)
+    before = snapshot(layer)
+    faulty_svd(monkeypatch, fault)
+    with pytest.raises(torch.linalg.LinAlgError, match="cusolver" if fault == "runtime_error" else "non-finite"):
+        transition()
+    assert_unchanged(layer, before)
+
+
+def test_a_failing_qr_of_the_orthogonal_base_raises_linalg_error(monkeypatch):
+    layer = LowRankLinear(make_base("linear", True))
+    before = snapshot(layer)
+
+    def qr(*args, **kwargs):
+        raise RuntimeError("cusolver error")
+
+    monkeypatch.setattr(torch.linalg, "qr", qr)
+    with pytest.raises(torch.linalg.LinAlgError, match="cusolver"):
+        layer.to_residual(4, base="orthogonal")
+    assert_unchanged(layer, before)
+
+
+def test_out_of_memory_is_not_turned_into_a_solver_failure(monkeypatch):
+    layer = LowRankLinear(make_base("linear", True))
+
+    def svd(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    with pytest.raises(torch.OutOfMemoryError):
+        layer.to_factorized(4)
+
+
+# -- inactive components ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["kaiming", "spectral"])
+def test_inactive_components_zero_or_as_initialised(init):
+    torch.manual_seed(0)
+    zero = LowRankLinear(make_base("linear", True))
+    zero.init_factorized(4, 12, init=init)
+    torch.manual_seed(0)
+    kept = LowRankLinear(make_base("linear", True))
+    kept.init_factorized(4, 12, init=init, zero_inactive=False)
+    assert_inactive_b_zero(zero)
+    assert torch.count_nonzero(kept.B[:, 4:]) == kept.B[:, 4:].numel(), "the authors' layout: every component initialised"
+    torch.testing.assert_close(kept.B[:, :4], zero.B[:, :4], atol=0, rtol=0)
+    torch.testing.assert_close(kept.A, zero.A, atol=0, rtol=0)
+    x = inputs()
+    y_zero, y_kept = out(zero, x), out(kept, x)
+    torch.testing.assert_close(y_kept, y_zero, atol=0, rtol=0)  # the same function at rank 4
+    zero.grow(12)
+    kept.grow(12)
+    torch.testing.assert_close(out(zero, x), y_zero, atol=ATOL, rtol=0)  # exact growth
+    assert not torch.allclose(out(kept, x), y_kept, atol=1e-3), "growing adds the initialised components"

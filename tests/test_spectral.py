@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -251,3 +252,71 @@ def test_metrics_are_scale_invariant(s, c):
     for k in range(n + 1):
         assert energy_fraction(scaled, k) == pytest.approx(energy_fraction(s, k), abs=1e-5)
         assert explained_ratio(scaled, k) == pytest.approx(explained_ratio(s, k), abs=1e-4)
+
+
+# -- InRank's rank test as the authors compute it ---------------------------------------------
+
+
+def authors_rank(full: np.ndarray, alpha: float, r: int, b: int, capacity: int) -> int:
+    """The InRank authors' scan re-derived with numpy from its formula: over every singular value
+    of the product (all ``min(in, out)`` of them), ``rho(k) = 1 - var(s, top k zeroed) / var(s)``
+    with the unbiased variance, first ``k`` in ``[r, min(r + b, capacity - b))`` above alpha,
+    else the last ``k`` scanned."""
+    total = np.var(full, ddof=1)
+    for index in range(r, min(r + b, capacity - b)):
+        rest = full.copy()
+        rest[:index] = 0
+        if 1 - np.var(rest, ddof=1) / total > alpha:
+            break
+    return index
+
+
+N, CAP, R, BUF = 256, 128, 2, 40  # a 256-wide layer: capacity 128, r0 2, buffer 40, so 42 active components
+ACTIVE = R + BUF
+i = np.arange(1, ACTIVE + 1, dtype=np.float64)
+SPECTRA = {
+    "flat": np.ones(ACTIVE),
+    "exp 0.5": 0.5**i,
+    "exp 0.9": 0.9**i,
+    "exp 0.99": 0.99**i,
+    "1/i": 1 / i,
+    "1/sqrt(i)": 1 / np.sqrt(i),
+    "three non-zero": np.r_[5.0, 3.0, 1.0, np.zeros(ACTIVE - 3)],
+    "one non-zero": np.r_[1.0, np.zeros(ACTIVE - 1)],
+}
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.9, 0.99])
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_rank_test_matches_the_authors_over_the_whole_spectrum(name, alpha):
+    active = SPECTRA[name]
+    full = np.r_[active, np.zeros(N - ACTIVE)]
+    ours = first_rank_above(torch.tensor(active, dtype=torch.float32), alpha, R, min(R + BUF, CAP - BUF), length=N)
+    assert ours == authors_rank(full, alpha, R, BUF, CAP)
+
+
+def test_the_active_values_alone_give_another_rank():
+    """Over the r + b non-zero values only, the variance ratio (and the rank) differ: the fix is the padding."""
+    s = torch.tensor(SPECTRA["1/i"], dtype=torch.float32)
+    full = np.r_[SPECTRA["1/i"], np.zeros(N - ACTIVE)]
+    stop = min(R + BUF, CAP - BUF)
+    assert first_rank_above(s, 0.9, R, stop, length=N) == authors_rank(full, 0.9, R, BUF, CAP)
+    assert first_rank_above(s, 0.9, R, stop) != authors_rank(full, 0.9, R, BUF, CAP)
+    assert explained_ratio(s, 5, length=N) != pytest.approx(explained_ratio(s, 5), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_kaiming_factors_of_a_gpt2_mlp_layer_give_the_authors_rank():
+    """A 3072 x 768 layer at the authors' init (both factors Kaiming-uniform, capacity 384, r0 2, b 100):
+    the spectrum from the factors, padded, gives the rank of the authors' SVD of the whole product."""
+    out_f, in_f, capacity, r, b = 3072, 768, 384, 2, 100
+    g = torch.Generator().manual_seed(0)
+    bound_a, bound_b = 1 / math.sqrt(in_f), 1 / math.sqrt(capacity)  # kaiming_uniform_(a=sqrt(5)) bounds
+    A = (torch.rand(capacity, in_f, generator=g) * 2 - 1) * bound_a
+    B = (torch.rand(out_f, capacity, generator=g) * 2 - 1) * bound_b
+    k = r + b
+    full = torch.linalg.svdvals(A[:k].T @ B[:, :k].T).double().numpy()  # the authors' matrix: (in, out)
+    expected = authors_rank(full, 0.9, r, b, capacity)
+    s = factor_svdvals(B[:, :k], A[:k])
+    assert first_rank_above(s, 0.9, r, min(r + b, capacity - b), length=min(out_f, in_f)) == expected
+    assert first_rank_above(s, 0.9, r, min(r + b, capacity - b)) != expected, "over the 102 values alone it differs"

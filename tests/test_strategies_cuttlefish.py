@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import build, sample_ids
@@ -16,30 +17,59 @@ from hf_lowrank.strategies.cuttlefish import ConvergenceDetector, block_index, c
 DEIT = dict(window=5, mean_over=5, tau=0.411)
 
 
-def reference_converged(seq, window, mean_over, tau):
-    """ALGORITHMS.md's detector written out by hand: EMA, central differences, one-sided at the ends."""
-    if len(seq) < window:
+def authors_detector(epoch, layer_est_ranks, num_layers_remain, window=5, mean_over=5, tau=0.411, few=range(5, 10), last=range(5)):
+    """The authors' DeiT ``layer_rank_stable_detector`` re-derived from its description with numpy:
+    thresholds by absolute counts of unstable layers, no verdict while ``epoch < window``
+    (epochs from 0), EMA ``2 / (window + 1)``, mean |numpy.gradient| of the last ``mean_over``."""
+    threshold = tau * 2.5 if num_layers_remain in few else tau * 5 if num_layers_remain in last else tau
+    if epoch < window:
         return False
     a = 2 / (window + 1)
-    ema = [seq[0]]
-    for x in seq[1:]:
-        ema.append(a * x + (1 - a) * ema[-1])
-    n = len(ema)
-    g = [abs((ema[min(i + 1, n - 1)] - ema[max(i - 1, 0)]) / (min(i + 1, n - 1) - max(i - 1, 0))) for i in range(n)]
-    return sum(g[-mean_over:]) / len(g[-mean_over:]) <= tau
+    ema = np.zeros(len(layer_est_ranks))
+    ema[0] = layer_est_ranks[0]
+    for i in range(1, len(layer_est_ranks)):
+        ema[i] = layer_est_ranks[i] * a + ema[i - 1] * (1 - a)
+    return np.mean(np.abs(np.gradient(ema))[-mean_over:]) <= threshold
+
+
+def authors_rounds(init: dict, rounds: list[dict], **kw) -> dict:
+    """The authors' loop: the history starts at init (epoch -1), one round per epoch, sticky stability,
+    ``num_layers_remain`` counted before each round. Returns {layer: epoch it became stable}."""
+    history = {n: [v] for n, v in init.items()}
+    stable, when = {n: False for n in init}, {}
+    for epoch, values in enumerate(rounds):
+        remain = sum(not s for s in stable.values())
+        for name, value in values.items():
+            history[name].append(value)
+            if not stable[name] and authors_detector(epoch, history[name], remain, **kw):
+                stable[name], when[name] = True, epoch
+    return when
+
+
+def ours_rounds(init: dict, rounds: list[dict], **kw) -> dict:
+    d = ConvergenceDetector(**DEIT, **kw)
+    for name, value in init.items():
+        d.start(name, value)
+    when = {}
+    for epoch, values in enumerate(rounds):
+        for name in d.update(values):
+            when[name] = epoch
+    return when
 
 
 # -- the detector -----------------------------------------------------------------------------
 
 
-def test_converging_sequence_becomes_stable_at_the_right_index():
+def test_converging_sequence_becomes_stable_where_the_authors_detector_does():
     settling = [40, 30, 24, 21] + [20] * 20
-    verdicts = [converged(settling[:n], **DEIT) for n in range(1, len(settling) + 1)]
-    assert verdicts == [reference_converged(settling[:n], **DEIT) for n in range(1, len(settling) + 1)]
-    assert verdicts.index(True) + 1 == 12, "the EMA lags the settled sequence; it flattens at the 12th measurement"
+    verdicts = [converged([48] + settling[:n], **DEIT, initial=True) for n in range(1, len(settling) + 1)]
+    expected = [authors_detector(n - 1, [48] + settling[:n], 20) for n in range(1, len(settling) + 1)]
+    assert verdicts == expected and True in verdicts
     flat = [20] * 10
-    assert not converged(flat[:4], **DEIT), "fewer than window measurements"
-    assert converged(flat[:5], **DEIT), "a flat sequence is stable as soon as it has window measurements"
+    assert not converged(flat[:5], **DEIT), "window measurements are one too few: the authors test epoch < window"
+    assert converged(flat[:6], **DEIT), "a flat sequence is stable at window + 1 measurements"
+    assert not converged(flat[:6], **DEIT, initial=True), "the init value is not a measurement"
+    assert converged(flat[:7], **DEIT, initial=True)
 
 
 def test_oscillating_sequence_never_becomes_stable():
@@ -48,46 +78,33 @@ def test_oscillating_sequence_never_becomes_stable():
     assert converged(wave, window=5, mean_over=5, tau=100.0), "a loose enough tau accepts anything"
 
 
-def feed(detector, constant: int, slopes: list[float], rounds: int = 40) -> dict[str, int]:
-    """Feed ``constant`` flat layers and drifting layers (stable rank 20 + slope * t); round each became stable."""
-    when = {}
-    for t in range(1, rounds + 1):
-        values = {f"flat{i}": 20.0 for i in range(constant)}
-        values.update({f"drift{i}": 20.0 + s * t for i, s in enumerate(slopes)})
-        for name in detector.update(values):
-            when[name] = t
-    return when
+@pytest.mark.parametrize("flat, drifting", [(0, 1), (3, 1), (2, 3), (8, 2), (12, 2), (20, 6), (40, 12)])
+@pytest.mark.parametrize("slope", [0.3, 0.8, 1.5, 3.0])
+def test_detector_matches_the_authors_loop(flat, drifting, slope):
+    """Whole runs (flat and drifting layers) give the same stability epochs as the authors' DeiT loop."""
+    init = {f"flat{i}": 20.0 for i in range(flat)} | {f"drift{i}": 20.0 for i in range(drifting)}
+    rounds = [
+        {f"flat{i}": 20.0 for i in range(flat)} | {f"drift{i}": 20.0 + slope * (t + 1) * (i + 1) for i in range(drifting)}
+        for t in range(40)
+    ]
+    assert ours_rounds(init, rounds) == authors_rounds(init, rounds)
 
 
-def test_relaxation_lets_the_last_layers_pass():
-    # slope 1.5: above tau (0.411) and tau x 2.5, below tau x 5
-    assert feed(ConvergenceDetector(**DEIT), 0, [1.5]) == {}, "alone, a drifting layer never passes tau"
-    when = feed(ConvergenceDetector(**DEIT), 3, [1.5])
-    assert when == {"flat0": 5, "flat1": 5, "flat2": 5, "drift0": 6}, "one of four left: tau x 5"
-    when = feed(ConvergenceDetector(**DEIT), 8, [1.5, 1.5])
-    assert "drift0" not in when and "drift1" not in when, "two of ten left: only tau x 2.5"
-    # slope 0.8: above tau, below tau x 2.5
-    assert feed(ConvergenceDetector(**DEIT), 0, [0.8]) == {}
-    when = feed(ConvergenceDetector(**DEIT), 8, [0.8, 0.8])
-    assert when["drift0"] == when["drift1"] == 6, "two of ten left (<= 25%): tau x 2.5"
-
-
-def test_tau_tiers():
-    d = ConvergenceDetector(**DEIT, relax_few=2.5, relax_last=5.0, few_fraction=0.25, last_fraction=0.1)
-    d.stable = {f"l{i}": False for i in range(20)}
-    assert d.tau_effective() == 0.411, "nothing settled yet"
-    d.stable = {f"l{i}": i >= 5 for i in range(20)}  # 5 of 20 left: few
-    assert d.tau_effective() == pytest.approx(0.411 * 2.5)
-    d.stable = {f"l{i}": i >= 2 for i in range(20)}  # 2 of 20 left: at most 10%
-    assert d.tau_effective() == pytest.approx(0.411 * 5)
-    d.stable = {"only": False}
-    assert d.tau_effective() == 0.411, "a single tracked layer is not relaxed"
+def test_tau_tiers_count_unstable_layers():
+    d = ConvergenceDetector(**DEIT)  # the authors' DeiT counts: x2.5 at 5-9 unstable, x5 at 0-4
+    for left, factor in [(48, 1.0), (10, 1.0), (9, 2.5), (5, 2.5), (4, 5.0), (1, 5.0)]:
+        d.stable = {f"l{i}": i >= left for i in range(48)}
+        assert d.tau_effective() == pytest.approx(0.411 * factor), left
+    cifar = ConvergenceDetector(window=15, mean_over=11, tau=0.1, few_layers=2, last_layers=1)
+    for left, factor in [(3, 1.0), (2, 2.5), (1, 5.0)]:
+        cifar.stable = {f"l{i}": i >= left for i in range(20)}
+        assert cifar.tau_effective() == pytest.approx(0.1 * factor), left
 
 
 def test_stability_is_sticky():
-    d = ConvergenceDetector(**DEIT)
-    verdicts = [d.update({"a": 10.0}) for _ in range(5)]
-    assert verdicts == [[], [], [], [], ["a"]] and d.all_stable()
+    d = ConvergenceDetector(**DEIT, few_layers=0, last_layers=0)
+    verdicts = [d.update({"a": 10.0}) for _ in range(6)]
+    assert verdicts == [[], [], [], [], [], ["a"]] and d.all_stable()
     for t in range(10):  # the curve jumps about afterwards: the layer stays stable, and is not reported again
         assert d.update({"a": 100.0 * (t % 2)}) == []
     assert d.stable == {"a": True} and d.all_stable()
@@ -107,8 +124,8 @@ def test_block_index():
 def wrap(max_steps: int = 100, **args):
     config = LowRankConfig(target_modules=["c_fc", "c_proj"], exclude_modules=r".*attn.*", strategy="cuttlefish", strategy_args=args)
     model = get_lowrank_model(build("gpt2"), config).eval()
-    warnings = []
-    model.strategy.bind(TrainContext(max_steps=max_steps, warn=warnings.append))
+    model.warnings = []
+    model.strategy.bind(TrainContext(max_steps=max_steps, warn=model.warnings.append))
     return model
 
 
@@ -146,7 +163,7 @@ def test_switch_after_window_measurements_at_scaled_stable_ranks():
         assert xi[name] == pytest.approx(layer.full_rank / stable_rank(layer.singular_values()))
     set_spectrum(model, [4.0, 2.0, 1.0, 1.0, 0.5])  # "trained": srank = floor(22.25 / 16) = 1
     step, plan = drive(model, range(1, 100))
-    assert step == 15, "unchanged weights: stable at the 5th (window) measurement, steps 3, 6, ..., 15"
+    assert step == 18, "stable at the 6th (window + 1) measurement, steps 3, 6, ..., 18"
     expected = {n: scaled_stable_rank(l.singular_values(), xi[n], l.full_rank) for n, l in layers.items()}
     assert {c.layer: c.rank for c in plan.changes} == expected
     assert all(c.op == "to_factorized" and c.capacity == c.rank for c in plan.changes)
@@ -170,7 +187,7 @@ def test_switch_keeps_the_function_when_the_rank_covers_the_weight():
     set_spectrum(model, [1.0, 1.0])  # exact rank 2, stable rank 2
     reference = logits(model)
     step, plan = drive(model, range(1, 100))
-    assert step == 5 and len(plan.changes) == 4 and all(c.rank >= 2 for c in plan.changes)
+    assert step == 6 and len(plan.changes) == 4 and all(c.rank >= 2 for c in plan.changes)
     model.apply_plan(plan)
     assert all(layer.mode == "factorized" for layer in model.lowrank_layers().values())
     torch.testing.assert_close(logits(model), reference, atol=1e-5, rtol=0)
@@ -211,11 +228,12 @@ def test_layers_that_would_not_shrink_stay_dense():
 
 def test_deadline():
     model = wrap(max_steps=20, measure_every=100, max_dense_steps=0.5, select_layers="all")
+    assert len(model.warnings) == 1 and "the switch will come at the deadline" in model.warnings[0]
     set_spectrum(model, [1.0])
     step, plan = drive(model, range(1, 21))
     assert step == 10 and "deadline" in plan.reason and len(plan.changes) == 4
-    model = wrap(max_steps=20, measure_every=100, max_dense_steps=None)
-    assert drive(model, range(1, 21)) == (None, None)
+    with pytest.raises(ValueError, match=r"strategy_args\.measure_every=100 .* 0 stable-rank measurement.* give measure_every <= 3"):
+        wrap(max_steps=20, measure_every=100, max_dense_steps=None)
     with pytest.raises(ValueError, match=r"strategy_args\.max_dense_steps=500 is step 500, after the end"):
         wrap(max_steps=100, max_dense_steps=500)
 
@@ -235,7 +253,7 @@ def test_state_round_trip_continues_identically():
     b.strategy.load_state_dict(state)
     assert b.strategy.state_dict() == state
     (step_a, plan_a), (step_b, plan_b) = drive(a, range(4, 50)), drive(b, range(4, 50))
-    assert step_a == step_b == 6 and plan_a.to_dict() == plan_b.to_dict()
+    assert step_a == step_b == 7 and plan_a.to_dict() == plan_b.to_dict()
     assert a.strategy.report() == b.strategy.report()
 
 
@@ -246,7 +264,9 @@ def test_state_round_trip_continues_identically():
         ({"window": 0}, "window"),
         ({"measure_every": 2.5}, "measure_every"),
         ({"relax_few": 0.5}, "relax_few"),
-        ({"few_fraction": 1.5}, "few_fraction"),
+        ({"few_layers": 1.5}, "few_layers"),
+        ({"few_layers": 2, "last_layers": 3}, "last_layers"),
+        ({"history_from_init": "yes"}, "history_from_init"),
         ({"floor_fraction": -0.1}, "floor_fraction"),
         ({"max_dense_steps": 0}, "max_dense_steps"),
         ({"factorized_lr_decay": 0}, "factorized_lr_decay"),
@@ -270,3 +290,18 @@ def test_profile_layer_measures_without_touching_the_training_rng():
         t = profile_layer(64, 256, 8, tokens=256, device="cpu", dtype=torch.float32, repeats=3)
     assert set(t) == {"dense_s", "factorized_s"} and all(v > 0 for v in t.values())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_init_is_the_first_point_of_each_history():
+    model = wrap(measure_every=1, select_layers="all")
+    d = model.strategy.detector
+    for name, layer in model.lowrank_layers().items():
+        assert d.history[name] == [stable_rank(layer.singular_values())] and name in d.initial
+    cifar = wrap(measure_every=1, select_layers="all", history_from_init=False)
+    assert cifar.strategy.detector.history == {}
+
+
+def test_a_deadline_at_the_last_step_warns():
+    model = wrap(max_steps=60, measure_every=1, max_dense_steps=60)
+    assert any("never trained" in w for w in model.warnings)
+    assert not wrap(max_steps=60, measure_every=1).warnings, "the defaults act in a 60-step run"

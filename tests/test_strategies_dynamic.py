@@ -196,3 +196,24 @@ def test_schedule_errors_when_training_starts():
         wrap(max_steps=100, auto_inflate=True, dense_steps_after_auto=200)
     with pytest.raises(ValueError, match=r"strategy_args\.rank=64 is larger than"):
         wrap(rank=64)
+
+
+@pytest.mark.parametrize("mode", ["dense", "residual"])
+def test_a_mode_other_than_factorized_is_refused(mode):
+    config = LowRankConfig(target_modules=["c_fc"], mode=mode, strategy="dynamic")
+    with pytest.raises(ValueError, match=rf"LowRankConfig\.mode='{mode}' is not allowed; strategy 'dynamic' starts factorized"):
+        get_lowrank_model(build("gpt2"), config)
+
+
+def test_a_collapse_check_after_the_end_is_refused_and_a_single_one_warns():
+    with pytest.raises(ValueError, match=r"strategy_args\.check_every=500 is not allowed; .* never inflate; give check_every <= 20"):
+        wrap(max_steps=20, auto_inflate=True, check_every=500)
+    _, warnings = wrap(max_steps=30, auto_inflate=True, check_every=20)
+    assert len(warnings) == 1 and "only 1 collapse check" in warnings[0]
+    _, warnings = wrap(max_steps=100, auto_inflate=True, check_every=25)
+    assert warnings == []
+
+
+def test_a_deflate_at_the_last_step_warns():
+    _, warnings = wrap(max_steps=100, inflate_at=0.3, deflate_at=100, check_schedule=False)
+    assert len(warnings) == 1 and "the adapter phase never trains" in warnings[0]

@@ -16,8 +16,9 @@ def wrap(max_steps: int = 50, bind: bool = True, **kw):
         target_modules=["c_fc", "c_proj"], exclude_modules=r".*attn.*", strategy="warm_start", strategy_args=args, **kw
     )
     model = get_lowrank_model(build("gpt2"), config).eval()
+    model.warnings = []
     if bind:
-        model.strategy.bind(TrainContext(max_steps=max_steps))
+        model.strategy.bind(TrainContext(max_steps=max_steps, warn=model.warnings.append))
     return model
 
 
@@ -99,3 +100,12 @@ def test_schedule_point_past_the_end_and_impossible_ranks_fail_early():
         wrap(max_steps=100, strategy_args={"dense_steps": 200})
     with pytest.raises(ValueError, match=r"LowRankConfig\.rank=64 is larger than"):
         wrap(rank=64, bind=False)  # the tiny model's full rank is 32: refused when wrapping, not at the switch
+
+
+def test_a_switch_that_leaves_no_phase_warns():
+    assert not wrap(max_steps=50, strategy_args={"dense_steps": 0.1}).warnings
+    (message,) = wrap(max_steps=50, strategy_args={"dense_steps": 50}).warnings
+    assert "switches at the last step (50)" in message and "never trained" in message
+    model = wrap(max_steps=50, strategy_args={"dense_steps": 0.001})  # rounds to step 0, which never comes
+    (message,) = model.warnings
+    assert "a single dense step" in message and list(plans(model, range(1, 51))) == [1]

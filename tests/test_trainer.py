@@ -100,7 +100,7 @@ def test_growth_rule_matches_explained_ratio():
         s = torch.tensor([10.0, 9, 8, 7, 6, 0.5, 0.4, 0.3, 0.2, 0.1])
         layer.B[:, :10] = u * s.sqrt()
         layer.A[:10] = (v * s.sqrt()).T
-    expected = next(k for k in range(2, 10) if explained_ratio(s, k) > 0.9)
+    expected = next(k for k in range(2, 10) if explained_ratio(s, k, length=layer.full_rank) > 0.9)
     plan = strategy.step(1, {name: layer})
     assert plan.changes == [LayerChange(name, "grow", rank=expected + 8)]
     assert strategy.ranks[name] == expected

@@ -190,6 +190,9 @@ class RankStrategy:
     name: ClassVar[str] = "base"
     Args: ClassVar[type[StrategyArgs]] = StrategyArgs
     changes_shapes: ClassVar[bool] = False
+    # Factorized layers start with B = 0 beyond the active rank (growth is then exact); a strategy
+    # that wants the inactive components random (InRank's authors' layout) sets it False.
+    zero_inactive: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

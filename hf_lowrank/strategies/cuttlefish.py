@@ -2,7 +2,8 @@
 
 Phase 1 trains dense and records each layer's stable rank every ``measure_every`` optimizer
 steps. A layer is stable once its stable-rank curve flattens (EMA, gradient, threshold, made
-easier as fewer layers remain: :class:`ConvergenceDetector`). When every layer is stable (or
+easier when few layers remain unstable, counted as the authors' scripts count them:
+:class:`ConvergenceDetector`). When every layer is stable (or
 at the optional deadline), each layer goes dense -> factorized at its scaled stable rank by
 the balanced SVD split, except the layers a measurement shows do not get faster (and,
 optionally, the first blocks): they stay dense.
@@ -16,6 +17,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..checks import fail
 from ..layer import LayerSpec, LowRankLinear
 from ..profiling import profile_layer
 from ..spectral import scaled_stable_rank, stable_rank
@@ -27,13 +29,14 @@ class CuttlefishArgs(StrategyArgs):
     """Cuttlefish settings. The detector defaults are the authors' DeiT ones (a transformer)."""
 
     measure_every: int = 10  # optimizer steps between stable-rank measurements; the paper: once per epoch (our choice for LMs)
-    window: int = 5  # w: EMA span and minimum number of measurements (the authors' DeiT: 5; CIFAR: 15)
+    window: int = 5  # w: EMA span; a layer needs more than w measurements after init (the authors' DeiT: 5; CIFAR: 15)
     mean_over: int = 5  # m: how many of the last |EMA gradient| values are averaged (DeiT: 5; CIFAR: 11)
     tau: float = 0.411  # convergence threshold on mean |d EMA / d measurement| (DeiT: 0.411; CIFAR: 0.1; ResNet-50: 0.33)
-    relax_few: float = 2.5  # tau multiplier when few layers remain unstable (the authors: x2.5)
-    relax_last: float = 5.0  # tau multiplier when one or very few remain unstable (the authors: x5)
-    few_fraction: float = 0.25  # "few": at most this fraction of the tracked layers unstable (our reading)
-    last_fraction: float = 0.1  # "very few": a single layer, or at most this fraction (our reading)
+    relax_few: float = 2.5  # tau multiplier when at most few_layers remain unstable (the authors: x2.5)
+    relax_last: float = 5.0  # tau multiplier when at most last_layers remain unstable (the authors: x5)
+    few_layers: int = 9  # the authors' DeiT script: x2.5 with 5-9 layers unstable (ResNet-50: 6; CIFAR: 2)
+    last_layers: int = 4  # the authors' DeiT script: x5 with 0-4 layers unstable (ResNet-50: 3; CIFAR: 1)
+    history_from_init: bool = True  # start each history with the stable rank at init (DeiT, ResNet-50; CIFAR: False)
     floor_fraction: float = 0.0  # rank floor as a fraction of full rank (DeiT 0.5, ResNet-50 0.2, CIFAR none)
     max_dense_steps: Union[float, int, None] = 0.5  # switch here even if not all layers converged; None: no deadline (our choice)
     factorized_lr_decay: float = 3.0  # learning rate divided by this at the switch (the authors' DeiT: 3.0)
@@ -52,8 +55,10 @@ class CuttlefishArgs(StrategyArgs):
             self.require_positive(name)
         for name in ("relax_few", "relax_last"):
             self.require(name, getattr(self, name) >= 1, "give a number >= 1 (tau is relaxed, never tightened)")
-        for name in ("few_fraction", "last_fraction"):
-            self.require_fraction(name)
+        for name in ("few_layers", "last_layers"):
+            self.require_positive_int(name, zero_ok=True)
+        self.require("last_layers", self.last_layers <= self.few_layers, f"give at most few_layers={self.few_layers!r}")
+        self.require("history_from_init", isinstance(self.history_from_init, bool), "give true or false")
         self.require_fraction("floor_fraction", low_open=False)
         v = self.max_dense_steps
         self.require(
@@ -64,13 +69,15 @@ class CuttlefishArgs(StrategyArgs):
         self.require("select_layers", self.select_layers in ("measured", "all"), "choose 'measured' or 'all'")
 
 
-def converged(stable_ranks: list[float], window: int, mean_over: int, tau: float) -> bool:
+def converged(stable_ranks: list[float], window: int, mean_over: int, tau: float, initial: bool = False) -> bool:
     """The Cuttlefish test on one layer's stable-rank sequence.
 
-    EMA with ``a = 2 / (window + 1)``; ``g = |numpy.gradient(ema)|``; converged once there are
-    at least ``window`` measurements (and two, for a gradient) and ``mean(g[-mean_over:]) <= tau``.
+    EMA with ``a = 2 / (window + 1)``; ``g = |numpy.gradient(ema)|``; converged once more than
+    ``window`` measurements were taken after init (the authors skip epochs ``epoch < window``,
+    counting from 0) and ``mean(g[-mean_over:]) <= tau``. ``initial`` says the sequence starts
+    with the stable rank at init, which enters the EMA but is not a measurement.
     """
-    if len(stable_ranks) < max(window, 2):
+    if len(stable_ranks) - int(initial) <= window or len(stable_ranks) < 2:
         return False
     a = 2.0 / (window + 1)
     ema = [float(stable_ranks[0])]
@@ -83,30 +90,34 @@ def converged(stable_ranks: list[float], window: int, mean_over: int, tau: float
 class ConvergenceDetector:
     """Per-layer stable-rank histories and sticky stability, with tau relaxed as layers settle.
 
-    ``tau_eff`` is fixed for one measurement round from the number of layers still unstable
-    before the round: ``tau * relax_last`` when one layer or at most ``last_fraction`` of the
-    tracked layers remain, ``tau * relax_few`` when at most ``few_fraction`` remain, else
-    ``tau``. Relaxation needs at least one layer already stable ("remain"), so a single
-    tracked layer is held to ``tau`` itself.
+    ``tau_eff`` is fixed for one measurement round from the number of tracked layers still
+    unstable before the round, as absolute counts, as in the authors' scripts: ``tau *
+    relax_last`` with at most ``last_layers`` unstable, ``tau * relax_few`` with at most
+    ``few_layers``, else ``tau``. A model with few tracked layers is therefore relaxed from
+    the first round, as the authors' rule would relax it.
     """
 
     def __init__(self, window: int, mean_over: int, tau: float, relax_few: float = 2.5, relax_last: float = 5.0,
-                 few_fraction: float = 0.25, last_fraction: float = 0.1):
+                 few_layers: int = 9, last_layers: int = 4):
         self.window, self.mean_over, self.tau = window, mean_over, tau
         self.relax_few, self.relax_last = relax_few, relax_last
-        self.few_fraction, self.last_fraction = few_fraction, last_fraction
+        self.few_layers, self.last_layers = few_layers, last_layers
         self.history: dict[str, list[float]] = {}
         self.stable: dict[str, bool] = {}
+        self.initial: set[str] = set()  # layers whose history starts with the stable rank at init
+
+    def start(self, name: str, value: float) -> None:
+        """Track ``name`` from its stable rank at init (the first EMA point, not a measurement)."""
+        self.history[name] = [value]
+        self.stable[name] = False
+        self.initial.add(name)
 
     def tau_effective(self) -> float:
         """The threshold for the next round, from how many tracked layers are still unstable."""
-        total = len(self.stable)
         left = sum(not v for v in self.stable.values())
-        if left == 0 or left == total:
-            return self.tau
-        if left <= 1 or left <= self.last_fraction * total:
+        if left <= self.last_layers:
             return self.tau * self.relax_last
-        if left <= self.few_fraction * total:
+        if left <= self.few_layers:
             return self.tau * self.relax_few
         return self.tau
 
@@ -118,7 +129,8 @@ class ConvergenceDetector:
         tau = self.tau_effective()
         newly = [
             name for name in measurements
-            if not self.stable[name] and converged(self.history[name], self.window, self.mean_over, tau)
+            if not self.stable[name]
+            and converged(self.history[name], self.window, self.mean_over, tau, initial=name in self.initial)
         ]
         for name in newly:
             self.stable[name] = True
@@ -129,11 +141,16 @@ class ConvergenceDetector:
         return bool(self.stable) and all(self.stable.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "stable": dict(self.stable)}
+        return {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "stable": dict(self.stable),
+            "initial": sorted(self.initial),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.stable = {k: bool(v) for k, v in state["stable"].items()}
+        self.initial = set(state["initial"])
 
 
 def block_index(name: str) -> int | None:
@@ -157,7 +174,7 @@ class Cuttlefish(RankStrategy):
         super().__init__(config)
         a = self.args
         self.detector = ConvergenceDetector(
-            a.window, a.mean_over, a.tau, a.relax_few, a.relax_last, a.few_fraction, a.last_fraction
+            a.window, a.mean_over, a.tau, a.relax_few, a.relax_last, a.few_layers, a.last_layers
         )
         self.xi: dict[str, float] = {}  # full_rank / srank(W at init), stored once per layer
         self.switched_at: int | None = None
@@ -169,17 +186,48 @@ class Cuttlefish(RankStrategy):
         return LayerSpec("dense")
 
     def _store_xi(self, name: str, layer: LowRankLinear) -> None:
-        """``xi = full_rank / srank(W)`` from the layer as it is now, unless already stored."""
+        """``xi = full_rank / srank(W)`` from the layer as it is now (and, with
+        ``history_from_init``, the first point of its history), unless already stored."""
         if name in self.xi:
             return
         s = self.singular_values(name, layer)
         if s is not None:
             self.xi[name] = layer.full_rank / max(1, stable_rank(s))
+            if self.args.history_from_init:
+                self.detector.start(name, stable_rank(s))
 
     def bind(self, context: TrainContext) -> None:
+        """Fix the deadline; refuse a schedule that never switches, warn when only the deadline can.
+
+        The detector needs more than ``window`` measurements: with fewer before the deadline the
+        switch comes at the deadline (a warning); with no deadline the run would stay dense (an error).
+        """
         super().bind(context)
-        v = self.args.max_dense_steps
-        self.deadline = None if v is None else self.fraction_to_step(v, "max_dense_steps")
+        a, max_steps = self.args, context.max_steps
+        self.deadline = None if a.max_dense_steps is None else max(1, self.fraction_to_step(a.max_dense_steps, "max_dense_steps"))
+        if self.switched_at is not None:
+            return
+        limit = max_steps if self.deadline is None else self.deadline
+        measurements = limit // a.measure_every
+        if measurements <= a.window:
+            needed = f"the detector needs more than window={a.window}"
+            if self.deadline is None:
+                fail(
+                    a.field_name("measure_every"), a.measure_every,
+                    f"it gives {measurements} stable-rank measurement(s) in max_steps={max_steps} and {needed}, and "
+                    f"max_dense_steps=None sets no deadline, so the layers would never be factorized; give "
+                    f"measure_every <= {max(1, max_steps // (a.window + 1))}, a smaller window, or a deadline",
+                )
+            self.warn(
+                f"cuttlefish: {measurements} stable-rank measurement(s) before the deadline at step {self.deadline} and "
+                f"{needed}: the switch will come at the deadline, not from converged ranks. Lower "
+                "strategy_args.measure_every or window, or move max_dense_steps later."
+            )
+        if self.deadline is not None and self.deadline >= max_steps:
+            self.warn(
+                f"cuttlefish: the dense-phase deadline is the last step ({max_steps}); if the ranks have not converged "
+                "by then, the factorized model is never trained. Move strategy_args.max_dense_steps earlier."
+            )
 
     def due(self, step: int) -> bool:
         if self.switched_at is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ..checks import resolve_size
+from ..checks import fail, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import condition_ratio, effective_rank, energy_fraction
 from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
@@ -123,16 +123,42 @@ class DynamicRank(RankStrategy):
         return resolve_size(value, layer.in_features, layer.out_features, f"strategy_args.{field}", name)
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        if self.config.mode != "factorized":
+            fail(
+                "LowRankConfig.mode", self.config.mode,
+                "strategy 'dynamic' starts factorized and moves each layer to dense and then to residual by its own "
+                "schedule; use mode='factorized' (the default)",
+            )
         r = self._rank(self.args.rank, "rank", name, layer)
         if self.args.adapter_rank is not None:
             self._rank(self.args.adapter_rank, "adapter_rank", name, layer)  # fail now, not at the deflate
         return LayerSpec("factorized", r, r)
 
     def bind(self, context: TrainContext) -> None:
+        """Fix the schedule; refuse one that never acts, warn when a phase is (nearly) empty.
+
+        An automatic inflate needs a collapse check within the run (``check_every <=
+        max_steps``); fewer than two checks, or a deflate at the last step (the adapter never
+        trains), are warned about.
+        """
         super().bind(context)
-        a = self.args
+        a, max_steps = self.args, context.max_steps
         if a.auto_inflate:
             self.fraction_to_step(a.dense_steps_after_auto, "dense_steps_after_auto")
+            if self.phase != "factorized":
+                return
+            checks = max_steps // a.check_every
+            if checks == 0:
+                fail(
+                    a.field_name("check_every"), a.check_every,
+                    f"the first collapse check would be at step {a.check_every}, after the end of training "
+                    f"(max_steps={max_steps}), so the model would never inflate; give check_every <= {max_steps}",
+                )
+            if checks < 2:
+                self.warn(
+                    f"dynamic: only {checks} collapse check in max_steps={max_steps} (every {a.check_every} steps); "
+                    "lower strategy_args.check_every."
+                )
             return
         inflate = self.fraction_to_step(a.inflate_at, "inflate_at")
         deflate = self.fraction_to_step(a.deflate_at, "deflate_at")
@@ -142,6 +168,13 @@ class DynamicRank(RankStrategy):
                 f"deflate_at={a.deflate_at!r} (step {deflate}); the dense phase would be empty."
             )
         self.inflate_step, self.deflate_step = inflate, deflate
+        if self.phase == "residual":
+            return
+        if deflate >= max_steps:
+            self.warn(
+                f"dynamic: deflate_at={a.deflate_at!r} is the last step ({max_steps}): the adapter phase never trains. "
+                "Move strategy_args.deflate_at earlier."
+            )
         if a.check_schedule and self.phase == "factorized":
             for message in self.schedule_problems():
                 self.warn(message)

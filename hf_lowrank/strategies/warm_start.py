@@ -62,8 +62,22 @@ class WarmStart(RankStrategy):
         return rank, capacity
 
     def bind(self, context: TrainContext) -> None:
+        """Fix the switch step; warn when the dense or the factorized phase would (nearly) vanish."""
         super().bind(context)
-        self.switch_step = self.fraction_to_step(self.args.dense_steps, "dense_steps")
+        a, max_steps = self.args, context.max_steps
+        self.switch_step = max(1, self.fraction_to_step(a.dense_steps, "dense_steps"))  # step 0 never comes: after step 1
+        if self.switched_at is not None:
+            return
+        if self.switch_step == 1 and max_steps > 1:
+            self.warn(
+                f"warm_start: dense_steps={a.dense_steps!r} of max_steps={max_steps} is a single dense step, barely a "
+                "warm start. Give a larger strategy_args.dense_steps."
+            )
+        if self.switch_step >= max_steps:
+            self.warn(
+                f"warm_start: dense_steps={a.dense_steps!r} switches at the last step ({max_steps}): the factorized "
+                "model is never trained. Give a smaller strategy_args.dense_steps."
+            )
 
     def due(self, step: int) -> bool:
         return self.switched_at is None and step >= self.switch_step
