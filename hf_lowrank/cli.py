@@ -1,23 +1,30 @@
 """``hf-lowrank``: train | report | merge | inspect.
 
-Each verb is a plain function of a typed options dataclass; its ``--help`` is generated from
-the dataclass fields and their ``help`` metadata. ``train`` also takes every recipe option
-(``--max_steps 50``) and every LowRankConfig field (``--lowrank.rank 0.5``) as overrides of
-the YAML config, and strategy settings as ``--lowrank.strategy_args.<key> value``.
+Each verb is a plain function of a typed options dataclass; its argparse arguments and
+``--help`` come from the dataclass fields (``typing.get_type_hints``) and their ``help``
+metadata. ``train`` also takes every recipe option (``--max_steps 50``) and every
+LowRankConfig field (``--lowrank.rank 0.5``) as overrides of the YAML config, and strategy
+settings as ``--lowrank.strategy_args.<key> value``. A bad recipe ends with one line on stderr
+naming the file, the field and the fix, and exit status 2 (argparse's for bad usage).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
+
+from .checks import check_bool
+from .options import RecipeError, has_type, text_parser, type_name, yaml_value
 
 STRATEGY_ARGS_PREFIX = "--lowrank.strategy_args."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 @dataclass
@@ -28,12 +35,12 @@ class TrainOptions:
     task: typing.Union[str, None] = field(
         default=None, metadata={"help": "Required task ('clm' or 'classification'); set by the recipe scripts.", "hidden": True}
     )
-    overrides: dict[str, str] = field(default_factory=dict, metadata={"hidden": True})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={"hidden": True})
 
 
 @dataclass
 class ReportOptions:
-    """Regenerate report.md (and a benchmark's plots) of a run or benchmark directory and print it."""
+    """Regenerate report.md and the plots of a run or benchmark directory, and print the report."""
 
     run_dir: str = field(metadata={"help": "A training run (holds results.json) or a benchmark directory (holds rows/).", "positional": True})
 
@@ -44,6 +51,10 @@ class MergeOptions:
 
     run_dir: str = field(metadata={"help": "A saved LowRankModel folder, or a run directory holding final/.", "positional": True})
     out: str = field(metadata={"help": "Output folder for the merged model (loads with AutoModel*.from_pretrained).", "positional": True})
+    overwrite: bool = field(default=False, metadata={"help": "Replace OUT if it exists (refused otherwise)."})
+
+    def __post_init__(self) -> None:
+        check_bool("overwrite", self.overwrite)
 
 
 @dataclass
@@ -56,58 +67,53 @@ class InspectOptions:
 # -- the verbs ---------------------------------------------------------------------------------
 
 
+def _usage_error(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, no traceback."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def train(opts: TrainOptions) -> dict[str, Any]:
     """Run a recipe: YAML config plus overrides; returns the results (also written to results.json)."""
-    from .recipe import RecipeOptions, run
+    from .options import RecipeOptions
+    from .recipe import run
 
     try:
         recipe = RecipeOptions.from_yaml(opts.config, opts.overrides)
-    except ValueError as e:
-        raise SystemExit(f"hf-lowrank train: {e}") from None
-    if opts.task is not None and recipe.task != opts.task:
-        raise SystemExit(
-            f"hf-lowrank train: {opts.config} has task {recipe.task!r}, this script trains {opts.task!r}; "
-            f"use {'recipes/train_classifier.py' if recipe.task == 'classification' else 'recipes/train_clm.py'}."
-        )
-    return run(recipe)
+        if opts.task is not None and recipe.task != opts.task:
+            script = "recipes/train_classifier.py" if recipe.task == "classification" else "recipes/train_clm.py"
+            raise RecipeError(f"{opts.config}: task={recipe.task!r} but this script trains {opts.task!r}; use {script}.")
+        return run(recipe)  # validates the layout and the schedule before loading any data
+    except RecipeError as e:
+        _usage_error(f"hf-lowrank train: {e}")
 
 
 def report(opts: ReportOptions) -> str:
-    """Regenerate and print the report of a run; without the report module, print results.json as a table."""
-    run_dir = Path(opts.run_dir)
-    try:
-        from .report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        try:
-            text = write_report(run_dir).read_text()
-        except FileNotFoundError as e:
-            raise SystemExit(f"hf-lowrank report: {e}") from None
-    else:
-        from .files import read_json
-        from .recipe import RESULTS_NAME, format_results
+    """Regenerate and print the report of a run or benchmark directory."""
+    from .report import write_report
 
-        if not (run_dir / RESULTS_NAME).is_file():
-            raise SystemExit(f"hf-lowrank report: {run_dir / RESULTS_NAME} not found")
-        text = format_results(read_json(run_dir / RESULTS_NAME))
+    try:
+        text = write_report(opts.run_dir).read_text()
+    except FileNotFoundError as e:
+        _usage_error(f"hf-lowrank report: {e}")
     print(text)
     return text
 
 
 def merge(opts: MergeOptions) -> Path:
-    """Merge a saved low-rank model into a plain transformers model at ``opts.out``."""
+    """Merge a saved low-rank model into a plain transformers model at ``opts.out`` (with its tokenizer)."""
+    from .files import atomic_directory
     from .model import LowRankModel
 
-    source = _model_dir(opts.run_dir)
+    source, out = _model_dir(opts.run_dir), Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        _usage_error(f"hf-lowrank merge: {out} exists; pass --overwrite to replace it, or choose another folder.")
     merged = LowRankModel.from_pretrained(source).merge_and_unload()
-    out = Path(opts.out)
-    merged.save_pretrained(out)
-    copied = []
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-            copied.append(name)
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    with atomic_directory(out) as tmp:  # a replaced OUT is swapped in whole, never half-written
+        merged.save_pretrained(tmp)
+        for name in copied:
+            shutil.copy(source / name, tmp / name)
     print(f"merged {source} into a plain {type(merged).__name__} at {out}" + (f" (with {', '.join(copied)})" if copied else ""))
     return out
 
@@ -127,7 +133,7 @@ def _model_dir(path: str) -> Path:
     for candidate in (path, path / "final"):
         if (candidate / "lowrank_config.json").is_file():
             return candidate
-    raise SystemExit(f"hf-lowrank: {path} holds no lowrank_config.json (nor {path / 'final'}); pass a saved model folder.")
+    _usage_error(f"hf-lowrank: {path} holds no lowrank_config.json (nor {path / 'final'}); pass a saved model folder.")
 
 
 VERBS = {
@@ -152,29 +158,28 @@ def _default_text(f: dataclasses.Field) -> str:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", suppress_defaults: bool = False) -> None:
     """One argument per field of ``cls``: positional when its metadata says so, else ``--<prefix><name>``.
 
-    Values are kept as strings and parsed by the field type later (``hf_lowrank.recipe.parse_text``),
-    so a YAML config and the command line accept the same spellings. Bool fields take an optional
-    value: ``--bf16`` means ``--bf16 true``.
+    Each word is read by :func:`hf_lowrank.options.text_parser` of the field's type, so the
+    command line and a YAML config accept the same spellings; the dataclass then validates it.
+    Bool fields take an optional value: ``--bf16`` means ``--bf16 true``.
     """
-    from .recipe import type_name
-
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("hidden"):
+        if f.metadata.get("hidden") or not f.init:
             continue
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
         if f.metadata.get("positional"):
             parser.add_argument(f.name, help=help_text)
             continue
-        is_bool = tp is bool or (typing.get_origin(tp) is typing.Union and bool in typing.get_args(tp))
+        is_bool = has_type(True, tp)
         parser.add_argument(
             f"--{prefix}{f.name}",
             dest=f"{prefix}{f.name}",
-            default=argparse.SUPPRESS if suppress_defaults else None,
+            type=text_parser(tp),
+            default=argparse.SUPPRESS if suppress_defaults else f.default,
             metavar="BOOL" if is_bool else {int: "INT", float: "FLOAT", str: "TEXT"}.get(tp, "VALUE"),
             nargs="?" if is_bool else None,
-            const="true" if is_bool else None,
+            const=True if is_bool else None,
             help=f"{help_text} [{type_name(tp)}; default {_default_text(f)}]",
         )
 
@@ -182,7 +187,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` parser: one sub-command per verb, arguments generated from its options dataclass."""
     from .config import LowRankConfig
-    from .recipe import RecipeOptions
+    from .options import RecipeOptions
 
     parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank training for Hugging Face transformers models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,report,merge,inspect}")
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.epilog = (
                 "Strategy settings: --lowrank.strategy_args.<key> value (keys per strategy in docs/strategies.md). "
-                "Lists: [c_fc, c_proj] or c_fc,c_proj; none/null for None."
+                "Values are YAML: lists [c_fc, c_proj], none/null for None."
             )
     return parser
 
@@ -221,8 +226,8 @@ def train_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, r
             if not tokens or tokens[0].startswith("--"):
                 parser.verbs["train"].error(f"argument {key}: expected one argument")
             value = tokens.pop(0)
-        strategy_args[key[2:]] = value
-    recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+        strategy_args[key[2:]] = yaml_value(value)  # its type is the strategy's, which validates it
+    recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     return {**recipe_keys, **strategy_args}, unknown
 
 
@@ -231,18 +236,28 @@ def main(argv: Sequence[str] | None = None, task: str | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     func, cls = VERBS[args.command]
-    overrides: dict[str, str] = {}
+    overrides: dict[str, Any] = {}
     if args.command == "train":
         overrides, rest = train_overrides(parser, args, rest)
     if rest:
         options = [t.partition("=")[0] for t in rest if t.startswith("-")]
         what = f"unknown option(s) {', '.join(options)}" if options else f"unexpected argument(s) {' '.join(rest)}"
         parser.verbs[args.command].error(f"{what}; see hf-lowrank {args.command} --help")
-    if args.command == "train":
-        opts = TrainOptions(config=args.config, task=task, overrides=overrides)
-    else:
-        opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-    func(opts)
+    try:
+        if args.command == "train":
+            opts = TrainOptions(config=args.config, task=task, overrides=overrides)
+        else:
+            opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    except ValueError as e:  # a verb's own option, e.g. merge --overwrite maybe
+        _usage_error(f"hf-lowrank {args.command}: {e}")
+    try:
+        func(opts)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (``hf-lowrank inspect ... | head``): stop quietly, as the Python
+        # docs advise, pointing stdout at devnull so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

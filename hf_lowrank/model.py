@@ -317,6 +317,16 @@ class LowRankModel(nn.Module):
             )
         self._bound = True
 
+    def check_run(self, max_steps: int) -> None:
+        """Raise ``ValueError`` (naming the setting) if the strategy cannot act within ``max_steps``; binds nothing.
+
+        For validating a run before any data is prepared; :meth:`bind_training` checks the same
+        again, and warns about marginal schedules, when training starts.
+        """
+        check_int("max_steps", max_steps, 1)
+        probe = type(self.strategy)(self.lowrank_config)
+        probe.bind(TrainContext(max_steps=max_steps, warn=lambda message: None))
+
     def update_ranks(self, step: int, optimizer: Any = None, lr_scheduler: Any = None) -> Plan | None:
         """Run the strategy after optimizer step ``step`` (1-based) and apply what it plans.
 

@@ -2,8 +2,9 @@
 
 A benchmark directory (``python -m benchmarks.run``) holds ``benchmark.json`` and, per row,
 ``rows/<name>/metrics.json``, ``log_history.json`` and ``rank_pattern.json``. A training run
-(``hf-lowrank train``) holds ``results.json``. :func:`write_report` writes ``report.md`` (and,
-for a benchmark, the PNG plots) next to them; ``hf-lowrank report RUN_DIR`` calls it.
+(``hf-lowrank train``) holds ``results.json``, whose Trainer log history has the losses and the
+per-layer ranks. :func:`write_report` writes ``report.md`` and the PNG plots next to them;
+``hf-lowrank report RUN_DIR`` calls it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import read_json
+from .results import RESULTS_NAME, format_results
 
 PLOTS = ("eval_loss.png", "ranks.png", "final_ranks.png")
 
@@ -227,7 +229,7 @@ def plot_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
     cmap = plt.get_cmap("viridis")
     for ax, r in zip(axes.flat, panels):
         entries = [e for e in r["history"] if e.get("layers")]
-        layers = list(entries[0]["layers"])
+        layers = list(dict.fromkeys(n for e in entries for n in e["layers"]))
         kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
         blocks = sorted({n.rsplit(".", 2)[0] for n in layers})
         for n in layers:
@@ -239,7 +241,7 @@ def plot_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
         full = max(p["full_rank"] for p in r["pattern"].values()) if r["pattern"] else None
         if full:
             ax.axhline(full, color="grey", linewidth=0.8, linestyle=":")
-            ax.text(0, full, " full rank", va="bottom", fontsize=8, color="grey")
+            ax.text(0.01, full, "full rank", va="bottom", fontsize=8, color="grey", transform=ax.get_yaxis_transform())
         for plan in r.get("plans", []):
             ax.axvline(plan["step"], color="red", alpha=0.35, linewidth=1)
         ax.set_title(f"{r['label']}: active rank per layer", fontsize=10)
@@ -294,6 +296,84 @@ def plot_final_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+# -- a training run ----------------------------------------------------------------------------
+
+RUN_LABELS = {"lowrank": "low-rank", "full_rank": "full rank"}
+
+
+def run_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of a results.json (low-rank, and full rank when compared) as rows of the rank plot.
+
+    Each logging step of the Trainer's log history carries the rank of every layer
+    (``lowrank/rank/<layer>``); between logging steps, the applied plans say which layer
+    changed to which rank at which step. A row's ``history`` holds both, in step order, as
+    ``layers`` (layer -> [mode, rank]).
+    """
+    from .trainer import RANK_LOG_PREFIX
+
+    rows = []
+    for key, label in RUN_LABELS.items():
+        run = results.get(key)
+        if run is None:
+            continue
+        full_ranks = run.get("full_ranks", {})
+        events = [(e["step"], 1, e) for e in run.get("log_history", [])]
+        events += [(p["step"], 0, p) for p in run.get("plan_history", [])]  # a plan acts before that step's log
+        history, ranks = [], {}
+        for step, is_log, event in sorted(events, key=lambda t: (t[0], t[1])):
+            if is_log:
+                logged = {k[len(RANK_LOG_PREFIX):]: v for k, v in event.items() if k.startswith(RANK_LOG_PREFIX)}
+                ranks.update(logged)
+                history.append({**event, "layers": _layers(ranks, run)} if logged else event)
+                continue
+            for change in event["changes"]:
+                ranks[change["layer"]] = full_ranks.get(change["layer"]) if change["op"] == "to_dense" else change["rank"]
+            history.append({"step": step, "layers": _layers(ranks, run)})
+        pattern = {n: {"full_rank": f, "rank": run["ranks"].get(n, f)} for n, f in full_ranks.items()}
+        rows.append(
+            {"name": key, "label": f"{label} ({run['strategy']}, {run.get('mode', '?')})", "history": history,
+             "pattern": pattern, "plans": run.get("plan_history", []), "changes_rank": key == "lowrank"}
+        )
+    return rows
+
+
+def _layers(ranks: dict[str, int | None], run: dict[str, Any]) -> dict[str, list]:
+    return {n: [run.get("mode", "?"), r] for n, r in ranks.items() if r is not None}
+
+
+def plot_run_loss(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Training loss and eval loss against optimizer step, per run; False when nothing was logged."""
+    import matplotlib.pyplot as plt
+
+    colors = _colors(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    drawn = False
+    for r in rows:
+        train = [e for e in r["history"] if "loss" in e]
+        evals = [e for e in r["history"] if "eval_loss" in e]
+        if train:
+            ax.plot([e["step"] for e in train], [e["loss"] for e in train], color=colors[r["name"]], linewidth=1.4,
+                    label=f"{r['label']}: training loss")
+        if evals:
+            ax.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], color=colors[r["name"]], marker="o",
+                    markersize=4, linestyle="--", linewidth=1.2, label=f"{r['label']}: eval loss")
+        drawn = drawn or bool(train or evals)
+        for plan in r.get("plans", []):
+            ax.axvline(plan["step"], color="red", alpha=0.3, linewidth=1)
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("optimizer step (red lines: rank decisions applied)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Loss vs step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -326,8 +406,14 @@ def benchmark_markdown(run_dir: Path, meta: dict[str, Any], rows: list[dict[str,
     return "\n".join(lines) + "\n"
 
 
+def _agg() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Regenerate ``report.md`` (and a benchmark's plots) in ``run_dir``; returns the path of ``report.md``."""
+    """Regenerate ``report.md`` and the plots in ``run_dir``; returns the path of ``report.md``."""
     run_dir = Path(run_dir)
     out = run_dir / "report.md"
     if (run_dir / "rows").is_dir():
@@ -335,9 +421,7 @@ def write_report(run_dir: str | Path) -> Path:
         if not rows:
             raise FileNotFoundError(f"{run_dir / 'rows'}: no rows/<name>/metrics.json to report")
         meta = read_json(run_dir / "benchmark.json") if (run_dir / "benchmark.json").is_file() else {}
-        import matplotlib
-
-        matplotlib.use("Agg")
+        _agg()
         done = [r for r in rows if _done(r)]
         plots = []
         plot_eval_loss(done, run_dir / "eval_loss.png")
@@ -347,12 +431,15 @@ def write_report(run_dir: str | Path) -> Path:
         if plot_final_ranks(done, run_dir / "final_ranks.png"):
             plots.append("final_ranks.png")
         out.write_text(benchmark_markdown(run_dir, meta, rows, plots))
-    elif (run_dir / "results.json").is_file():
-        from .recipe import format_results
-
-        out.write_text("```\n" + format_results(read_json(run_dir / "results.json")) + "\n```\n")
+    elif (run_dir / RESULTS_NAME).is_file():
+        results = read_json(run_dir / RESULTS_NAME)
+        rows = run_rows(results)
+        _agg()
+        plots = [name for name, plot in (("loss.png", plot_run_loss), ("ranks.png", plot_ranks)) if plot(rows, run_dir / name)]
+        text = "```\n" + format_results(results) + "\n```\n"
+        out.write_text(text + "".join(f"\n![{p}]({p})\n" for p in plots))
     else:
         raise FileNotFoundError(
-            f"{run_dir}: neither rows/ (a benchmark from python -m benchmarks.run) nor results.json (a training run) is there"
+            f"{run_dir}: neither rows/ (a benchmark from python -m benchmarks.run) nor {RESULTS_NAME} (a training run) is there"
         )
     return out

@@ -6,7 +6,7 @@
 `model_name_or_path` is the pretrained model: the final/ folder of a train_clm run (merged to
 dense, its tokenizer reused) or any saved transformers model; without it the model is built
 from scratch. The low-rank layers are residual adapters `W0 + s B A` over the frozen weights
-(`mode: residual`, `freeze_base: true`); the classification head trains too. Accuracy and
+(`mode: residual`): only the adapters and the classification head train, as with PEFT. Accuracy and
 macro F1 come from the `evaluate` metric scripts shipped in hf_lowrank/metrics (loaded by
 path: nothing is fetched from the Hub). `hf-lowrank train CONFIG` runs the same code.
 """

@@ -92,6 +92,9 @@ def result_line(results: dict, reference: dict | None) -> str:
         parts.append(f"final ranks {ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else ""))
     parts.append(f"rank decisions {low['decision_seconds']:.1f} s")
     parts.append(f"{low['tokens_per_second']:,.0f} tokens/s" + (f" (full rank {full['tokens_per_second']:,.0f})" if full else ""))
+    step = results.get("comparison", {}).get("step_speedup")
+    if step:  # the final layouts timed side by side on one batch: the speed ratio the machine's load does not skew
+        parts.append(f"step speedup {step:.2f}x side by side (FLOPs {results['comparison']['flop_speedup']:.2f}x)")
     parts.append(f"train {low['train_seconds']:.0f} s")
     return ", ".join(parts) + f" ({results['hardware']['date'][:10]})."
 

@@ -2,13 +2,16 @@
 
 import importlib.metadata
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
 
-from hf_lowrank import LowRankModel
-from hf_lowrank.cli import main
+from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
+from hf_lowrank.cli import build_parser, main, train_overrides
+from hf_lowrank.options import RecipeOptions
 
 QUICKSTART = "recipes/configs/quickstart.yaml"
 TINY = [
@@ -57,40 +60,97 @@ def test_bad_command_line_names_the_option(argv, message, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--max_steps", "0"], "quickstart.yaml: max_steps=0 is not allowed"),
-        (["--max_steps", "ten"], "max_steps='ten' is not allowed; expected int"),
+        (["--max_steps", "0"], "quickstart.yaml: max_steps=0 is not allowed; give an int >= 1"),
+        (["--max_steps", "ten"], "quickstart.yaml: max_steps='ten' is not allowed; give int"),
+        (["--learning_rate", ".inf"], "learning_rate=inf is not allowed; give a finite number > 0"),
         (["--lowrank.rank", "7.5"], "LowRankConfig.rank=7.5 is not allowed"),
         (["--lowrank.strategy", "nope"], "LowRankConfig.strategy='nope' is not allowed"),
         (["--lowrank.strategy_args.bogus", "1"], "unknown key(s) ['bogus']"),
-        (["--lowrank.strategy_args.threshold", "high"], "lowrank.strategy_args.threshold='high' is not allowed; expected float"),
+        (["--lowrank.strategy_args.threshold", "high"], "LowRankConfig.strategy_args.threshold='high' is not allowed"),
     ],
 )
-def test_bad_value_names_the_option_and_file(override, message):
+def test_bad_value_names_the_option_and_file(override, message, capsys):
+    """One line on stderr, exit status 2, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
         main(["train", QUICKSTART, *override])
-    assert message in str(exit_info.value)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-lowrank train: recipes/configs/quickstart.yaml: ") and message in err and err.count("\n") == 1
 
 
-def test_recipe_scripts_refuse_a_config_of_the_other_task():
-    with pytest.raises(SystemExit, match="use recipes/train_classifier.py"):
+def test_command_line_values_are_read_as_in_the_yaml_file():
+    parser = build_parser()
+    words = [
+        "train", QUICKSTART, "--output_dir", "007", "--max_steps", "50", "--bf16", "--eval_steps", "none",
+        "--data_files", "[a.txt, b.txt]", "--lowrank.rank", "2", "--lowrank.capacity", "0.5",
+        "--lowrank.target_modules", "[c_fc, c_proj]", "--lowrank.strategy_args.stage2_at", "10",
+        "--lowrank.strategy_args.threshold", "0.8", "--learning_rate", "4e-3",
+    ]
+    args, rest = parser.parse_known_args(words)
+    overrides, unknown = train_overrides(parser, args, rest)
+    assert not unknown
+    opts = RecipeOptions.from_yaml(QUICKSTART, overrides)
+    assert opts.output_dir == "007" and opts.max_steps == 50 and opts.bf16 is True and opts.eval_steps is None
+    assert opts.data_files == ["a.txt", "b.txt"] and opts.learning_rate == 0.004
+    assert opts.lowrank["rank"] == 2 and isinstance(opts.lowrank["rank"], int)  # absolute rank, not a fraction
+    assert opts.lowrank["capacity"] == 0.5 and opts.lowrank["target_modules"] == ["c_fc", "c_proj"]
+    assert opts.lowrank["strategy_args"] == {"stage2_at": 10, "threshold": 0.8}
+
+
+def test_recipe_scripts_refuse_a_config_of_the_other_task(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "recipes/configs/classifier_tiny_residual.yaml"], task="clm")
+    assert exit_info.value.code == 2 and "use recipes/train_classifier.py" in capsys.readouterr().err
 
 
-def test_missing_run_dirs_are_named(tmp_path):
-    with pytest.raises(SystemExit, match="holds no lowrank_config.json"):
+def test_missing_run_dirs_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path)])
-    with pytest.raises(SystemExit, match="results.json"):
+    assert "holds no lowrank_config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(["report", str(tmp_path)])
+    assert "results.json" in capsys.readouterr().err
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A tiny saved LowRankModel folder."""
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = get_lowrank_model(transformers.GPT2LMHeadModel(config), LowRankConfig(target_modules=["c_fc"], rank=4))
+    model.save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def test_merge_refuses_an_existing_folder_unless_overwrite(saved_model, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", str(saved_model), str(out)])
+    assert exit_info.value.code == 2 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["merge", str(saved_model), str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_inspect_into_a_closed_pipe_exits_quietly(saved_model):
+    """``hf-lowrank inspect DIR | head``: the reader is gone before the table is written; no traceback."""
+    script = f"{sys.executable} -c 'from hf_lowrank.cli import main; raise SystemExit(main())' inspect {saved_model} | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", script], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 1
 
 
 @pytest.mark.slow
 def test_train_inspect_merge_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    overrides = ["--lowrank.strategy_args.warmup_steps", "1", "--lowrank.strategy_args.interval", "1"]
+    overrides = ["--lowrank.strategy_args.warmup_steps", "1", "--lowrank.strategy_args.interval", "1", "--lowrank.strategy_args.stage2_at", "3"]
     assert main(["train", QUICKSTART, *TINY, *overrides, "--output_dir", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "eval perplexity" in out and "final ranks (inrank (factorized))" in out
+    assert "eval perplexity" in out and "final ranks (inrank): " in out and "over 2 layers, factorized" in out
     results = json.loads((run / "results.json").read_text())
     assert results["options"]["max_steps"] == 3 and results["options"]["lowrank"]["strategy_args"]["interval"] == 1
 
@@ -110,3 +170,4 @@ def test_train_inspect_merge_report(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     main(["report", str(run)])
     assert "eval perplexity" in capsys.readouterr().out and (run / "report.md").is_file()
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG" and (run / "ranks.png").read_bytes()[:4] == b"\x89PNG"

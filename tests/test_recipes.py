@@ -4,14 +4,19 @@ import importlib.util
 import json
 import re
 import shlex
+import time
+import types
 from pathlib import Path
-from typing import Union
 
 import pytest
+import torch
 from accelerate.commands.launch import launch_command_parser
 
+from hf_lowrank import LowRankConfig, get_lowrank_model
+from hf_lowrank import recipe as recipe_module
 from hf_lowrank.cli import build_parser, main, train_overrides
-from hf_lowrank.recipe import RecipeOptions, coerce, dense_lowrank, parse_text
+from hf_lowrank.recipe import RecipeOptions, dense_config
+from hf_lowrank.speed import compare_speed, interleaved_times, step_flops
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -106,50 +111,43 @@ def test_accelerate_configs_load(path):
                     assert (ROOT / word).is_file(), f"{path.name}: {word} does not exist"
 
 
-def test_unknown_keys_name_the_key_and_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("max_stepz: 3\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: unknown option\(s\) \['max_stepz'\]"):
-        RecipeOptions.from_yaml(bad)
-    bad.write_text("lowrank: {rnak: 0.5}\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: lowrank: unknown LowRankConfig field\(s\) \['rnak'\]"):
-        RecipeOptions.from_yaml(bad)
-    bad.write_text("lowrank: {strategy: inrank, strategy_args: {treshold: 0.8}}\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: .*unknown key\(s\) \['treshold'\]"):
-        RecipeOptions.from_yaml(bad)
-    bad.write_text("lowrank: {rank: 7.5}\n")
-    with pytest.raises(ValueError, match="bad.yaml: .*LowRankConfig.rank=7.5"):
-        RecipeOptions.from_yaml(bad)
-    bad.write_text("max_steps: 3.5\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: max_steps=3.5 is not allowed; expected int"):
-        RecipeOptions.from_yaml(bad)
-
-
-def test_values_are_typed_by_the_options_dataclass(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("learning_rate: 1e-3\nlowrank: {strategy: inrank, frobenius_decay: 1e-4}\n")  # YAML 1.1 strings
-    opts = RecipeOptions.from_yaml(
-        config,
-        {
-            "output_dir": "007", "max_steps": "50", "bf16": "true", "eval_steps": "none", "data_files": "a.txt,b.txt",
-            "lowrank.rank": "2", "lowrank.capacity": "0.5", "lowrank.target_modules": "[c_fc, c_proj]",
-            "lowrank.strategy_args.stage2_at": "10", "lowrank.strategy_args.threshold": "0.8",
-        },
-    )
-    assert opts.learning_rate == 1e-3 and opts.lowrank["frobenius_decay"] == 1e-4
-    assert opts.output_dir == "007" and opts.max_steps == 50 and opts.bf16 is True and opts.eval_steps is None
-    assert opts.data_files == ["a.txt", "b.txt"]
-    assert opts.lowrank["rank"] == 2 and isinstance(opts.lowrank["rank"], int)  # absolute rank, not a fraction
-    assert opts.lowrank["capacity"] == 0.5 and opts.lowrank["target_modules"] == ["c_fc", "c_proj"]
-    assert opts.lowrank["strategy_args"] == {"stage2_at": 10, "threshold": 0.8}
-    # in a Union an exact type wins: 1 stays a step, 1.0 stays a fraction
-    assert coerce(1, Union[float, int, None], "x") == 1 and isinstance(coerce(1, Union[float, int, None], "x"), int)
-    assert parse_text("null", Union[int, None], "x") is None and parse_text("0.25", Union[int, float], "x") == 0.25
-
-
 def test_dense_comparison_keeps_the_layers():
-    lowrank = {"target_modules": ["c_fc"], "exclude_modules": ".*attn.*", "strategy": "inrank", "rank": 0.1}
-    assert dense_lowrank(lowrank) == {"target_modules": ["c_fc"], "exclude_modules": ".*attn.*", "mode": "dense", "strategy": "fixed"}
+    config = LowRankConfig(target_modules=["c_fc"], exclude_modules=".*attn.*", strategy="inrank", rank=0.1)
+    dense = dense_config(config)
+    assert (dense.target_modules, dense.exclude_modules, dense.mode, dense.strategy) == (["c_fc"], ".*attn.*", "dense", "fixed")
+
+
+QUICKSTART = ROOT / "recipes" / "configs" / "quickstart.yaml"
+INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowrank.strategy_args.{k}", v)]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lowrank.strategy", "fixed", "--lowrank.strategy_args", "{}", "--lowrank.rank", "100"],
+         "LowRankConfig.rank=100 is larger than min(in_features, out_features)=32 for layer"),
+        (["--lowrank.capacity", "100"], "LowRankConfig.capacity=100 is larger than min(in_features, out_features)=32"),
+        (["--lowrank.strategy_args.stage2_at", "50"], "LowRankConfig.strategy_args.stage2_at=50 is step 50, after the end of training (max_steps=4)"),
+        (["--lowrank.target_modules", "[nope]"], "LowRankConfig.target_modules=['nope'] (exclude_modules=None) matches no nn.Linear"),
+        (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
+        (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' does not fit strategy 'inrank'"),
+        (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
+    ],
+)
+def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, tmp_path):
+    """Layout and schedule errors end in one line naming the file and the field, exit 2, before data is read."""
+
+    def no_data(opts):
+        raise AssertionError("data was loaded before the recipe was checked")
+
+    monkeypatch.setattr(recipe_module, "load_data", no_data)
+    schedule = [] if "fixed" in extra else INRANK_4_STEPS
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(QUICKSTART), *TINY, *schedule, *extra, "--output_dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"hf-lowrank train: {QUICKSTART}: ") and message in err, err
 
 
 def _smoke(path: Path, tmp_path: Path, extra=()):
@@ -176,6 +174,44 @@ def test_recipe_smoke(path, tmp_path, monkeypatch, capsys):
     low = results["lowrank"]
     assert low["steps"] == 4 and low["tokens_per_second"] > 0 and low["decision_seconds"] >= 0
     assert (run / "final" / "lowrank_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_one_evaluation_at_the_end(tmp_path, monkeypatch):
+    """A periodic evaluation at the last step is the final one: the recipe does not evaluate again."""
+    monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
+    results, _ = _smoke(QUICKSTART, tmp_path)  # eval_steps 2 of max_steps 4
+    low = results["lowrank"]
+    evals = [e for e in low["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert low["eval_loss"] == evals[-1]["eval_loss"]
+
+
+@pytest.mark.slow
+def test_resumed_run_counts_the_whole_run(tmp_path, monkeypatch):
+    """Tokens, seconds and the decision share of a resumed run cover the sessions before the resume too."""
+    monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
+    first, run = _smoke(QUICKSTART, tmp_path, ["--save_steps", "2"])
+    checkpoint = run / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["RunClock"]["args"]["seconds"]
+    assert 0 < saved < first["lowrank"]["train_seconds"]
+    resumed, _ = _smoke(QUICKSTART, tmp_path, ["--save_steps", "2", "--resume_from_checkpoint", str(checkpoint)])
+    low = resumed["lowrank"]
+    assert low["steps"] == 4 and low["tokens"] == first["lowrank"]["tokens"] == 4 * 2 * 16  # steps x batch x block
+    assert low["train_seconds"] > saved  # the session before the checkpoint, plus this one
+    assert low["tokens_per_second"] == pytest.approx(low["tokens"] / low["train_seconds"])
+
+
+@pytest.mark.slow
+def test_compare_full_rank_times_both_models_side_by_side(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
+    results, _ = _smoke(QUICKSTART, tmp_path, ["--compare_full_rank", "true", "--speed_steps", "3"])
+    comparison = results["comparison"]
+    assert comparison["speed_steps"] == 3 and comparison["step_speedup"] > 0
+    assert comparison["step_flops"]["low"] < comparison["step_flops"]["full"]  # the factorized attention is cheaper
+    assert comparison["flop_speedup"] == pytest.approx(comparison["step_flops"]["full"] / comparison["step_flops"]["low"])
+    out = capsys.readouterr().out
+    assert "interleaved steps on one batch" in out and "FLOPs" in out
 
 
 @pytest.mark.slow
@@ -214,3 +250,52 @@ def test_every_option_is_documented():
     missing = [f.name for f in dataclasses.fields(RecipeOptions) if f"| `{f.name}` |" not in docs]
     assert not missing, f"docs/recipes.md has no row for {missing}"
     assert all(f.metadata.get("help") for f in dataclasses.fields(RecipeOptions)), "every option has a help text"
+
+
+class _Recorder(torch.nn.Module):
+    """A model that records when it runs: its forward returns ``.loss`` like a transformers model."""
+
+    def __init__(self, name, calls):
+        super().__init__()
+        self.name, self.calls, self.weight = name, calls, torch.nn.Parameter(torch.ones(4, 4))
+
+    def forward(self, input_ids):
+        self.calls.append(self.name)
+        return types.SimpleNamespace(loss=(input_ids.float() @ self.weight).sum())
+
+
+def test_speed_models_alternate_on_one_batch():
+    """One untimed step each, then rounds in alternating order, so no model always runs first."""
+    calls = []
+    models = {"low": _Recorder("low", calls), "full": _Recorder("full", calls)}
+    times = interleaved_times(models, {"input_ids": torch.ones(2, 4)}, steps=4)
+    assert calls == ["low", "full"] + ["low", "full", "full", "low"] * 2
+    assert set(times) == {"low", "full"} and all(len(t) == 4 and min(t) > 0 for t in times.values())
+
+
+def test_speed_of_a_model_against_itself_and_a_factorized_copy():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    dense = transformers.GPT2LMHeadModel(config)
+    batch = {"input_ids": torch.randint(0, 50, (2, 16)), "labels": torch.randint(0, 50, (2, 16))}
+    same = compare_speed(dense, dense, batch, steps=2)
+    assert same["flop_speedup"] == 1.0 and 0.2 < same["step_speedup"] < 5
+    low = get_lowrank_model(transformers.GPT2LMHeadModel(config), LowRankConfig(target_modules=["c_fc", "mlp.c_proj"], rank=4))
+    flops = step_flops(low.get_base_model(), batch)
+    assert flops < step_flops(dense, batch)  # rank 4 of 64 on the MLP: fewer FLOPs, counted from what runs
+
+
+def test_run_clock_counts_training_not_evaluation():
+    """Periodic evaluations are taken out; the final one, after training, never counted."""
+    state = types.SimpleNamespace(stateful_callbacks={"RunClock": {"args": {"seconds": 5.0}, "attributes": {}}})
+    clock = recipe_module._run_clock()
+    clock.on_train_begin(None, state, None)  # resumed: 5 s of earlier sessions
+    time.sleep(0.05)
+    clock.on_evaluate(None, state, None, metrics={"eval_runtime": 0.02})
+    clock.on_train_end(None, state, None)
+    after_training = clock.seconds
+    assert 5.02 < after_training < 5.5
+    clock.on_evaluate(None, state, None, metrics={"eval_runtime": 3.0})
+    assert clock.seconds == after_training and clock.state() == {"args": {"seconds": after_training}, "attributes": {}}

@@ -1,11 +1,12 @@
-"""write_report on a small synthetic benchmark directory: the table, the targets and the PNG plots."""
+"""write_report on small synthetic benchmark and training-run directories: the table, the targets and the PNG plots."""
 
 import json
 
 import pytest
 
 from hf_lowrank.cli import main
-from hf_lowrank.report import COLUMNS, write_report
+from hf_lowrank.report import COLUMNS, run_rows, write_report
+from hf_lowrank.results import speed_warning
 
 MLP = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
 
@@ -91,3 +92,63 @@ def test_report_names_what_is_missing(tmp_path):
     (tmp_path / "rows").mkdir()
     with pytest.raises(FileNotFoundError, match="no rows/<name>/metrics.json"):
         write_report(tmp_path)
+
+
+def _run_results(strategy="inrank", ranks_by_step=((1, 9), (2, 10), (4, 6))):
+    """A results.json as hf-lowrank train writes it, with the Trainer's log history of a 4-step run."""
+    layers = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+
+    def history(ranks):
+        out = []
+        for step, rank in ranks:
+            out.append({"step": step, "loss": 5.0 - 0.1 * step, **{f"lowrank/rank/{n}": rank for n in layers}})
+            if step % 2 == 0:
+                out.append({"step": step, "eval_loss": 5.1 - 0.1 * step, "eval_runtime": 0.1})
+        return out
+
+    def run(strategy, mode, ranks):
+        final = ranks[-1][1]
+        return {
+            "strategy": strategy, "mode": mode, "eval_loss": 4.7, "perplexity": 110.0, "trainable_params": 1000,
+            "total_params": 1000, "rank_fraction": final / 32, "tokens_per_second": 300.0, "train_seconds": 1.0,
+            "decision_seconds": 0.01, "ranks": {n: final for n in layers}, "full_ranks": {n: 32 for n in layers},
+            "rank_pattern": {n: {"mode": mode, "rank": final, "capacity": final} for n in layers},
+            "plan_history": [
+                {"step": 3, "reason": "InRank stage 2", "changes": [{"layer": n, "op": "truncate", "rank": 6} for n in layers]}
+            ] if strategy == "inrank" else [],
+            "log_history": history(ranks), "final_model": "runs/x/final",
+        }
+
+    return {
+        "lowrank": run(strategy, "factorized", list(ranks_by_step)),
+        "full_rank": run("fixed", "dense", [(s, 32) for s, _ in ranks_by_step]),
+        "comparison": {"tokens_per_second_ratio": 2.67, "step_speedup": 1.06, "flop_speedup": 1.1, "speed_steps": 10},
+        "options": {"output_dir": "runs/x"},
+    }
+
+
+def test_training_run_report_has_loss_and_rank_plots(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(_run_results()))
+    text = write_report(tmp_path).read_text()
+    for name in ("loss.png", "ranks.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in text
+    assert "final ranks (inrank): 6 of 32 over 2 layers, factorized" in text
+    assert "wall clock 2.67x, interleaved steps on one batch 1.06x (median of 10), FLOPs 1.10x" in text
+    assert "warning: the wall-clock speed ratio 2.67x and the interleaved one 1.06x disagree" in text
+
+
+def test_rank_rows_follow_the_log_history():
+    rows = run_rows(_run_results())
+    low = rows[0]
+    assert [r["name"] for r in rows] == ["lowrank", "full_rank"] and low["changes_rank"]
+    # logged at steps 1, 2 and 4; the stage-2 plan at step 3 says when the ranks fell
+    steps = [(e["step"], e["layers"]["transformer.h.0.attn.c_attn"][1]) for e in low["history"] if e.get("layers")]
+    assert steps == [(1, 9), (2, 10), (3, 6), (4, 6)]
+    assert low["pattern"]["transformer.h.0.attn.c_proj"]["full_rank"] == 32
+
+
+def test_speed_warning_only_when_the_ratios_disagree():
+    assert speed_warning({"tokens_per_second_ratio": 1.1, "step_speedup": 1.05}) is None
+    assert "disagree" in speed_warning({"tokens_per_second_ratio": 0.5, "step_speedup": 1.05})
+    assert speed_warning({"tokens_per_second_ratio": 1.1}) is None
