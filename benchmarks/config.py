@@ -1,164 +1,255 @@
-"""The two benchmark scales and the rows every scale runs.
+"""The benchmark scales and the rows every scale runs.
 
-A scale fixes the model shape, data, steps and optimizer settings shared by every row; a row
-adds the low-rank settings (or, for GaLore, the optimizer). Rows run in this order; ``fixed``,
-``spectral``, ``warm_start`` and ``dynamic`` take InRank's final rank (the sum of its final ranks over the
-sum of full ranks), so that they are compared at the rank InRank found.
+A scale is a set of :class:`~hf_lowrank.recipe.RecipeOptions` overrides shared by every row
+(model shape, data, steps, optimizer) plus the few settings only a benchmark has (which layers
+are low-rank, threads, steps left out of tokens/s). A row adds its ``lowrank`` settings, so
+every row trains through the recipe's own model builder, data and ``TrainingArguments``.
+
+Rows: full rank, both InRank formulations, the fixed-rank control and Kamalakara's spectral
+init, then one row per registered strategy (``hf_lowrank.strategies.REGISTRY``: a new strategy
+gets a row with its defaults), and full rank under ``torch.compile``. ``fixed``, ``spectral``,
+``warm_start`` and ``dynamic`` take InRank's final rank (the sum of its final ranks over the sum
+of full ranks), so that they are compared at the rank InRank found.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Union
 
-# Which linear layers of the GPT-2 rows are low-rank (scale setting ``targets``); every GPT-2 row
-# uses the same ones, and the dense row keeps them dense through the same wrapper.
-TARGETS = {
-    "attention": {"target_modules": ["attn.c_attn", "attn.c_proj"]},
-    "mlp": {"target_modules": ["mlp.c_fc", "mlp.c_proj"]},
-    "blocks": {"target_modules": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]},
+from hf_lowrank.checks import check_choice, check_int, fail
+
+# The low-rank layers of each placement (benchmark setting ``targets``), per architecture. Every
+# row of a benchmark wraps the same layers, the full-rank row too (dense, through the same wrapper).
+PLACEMENTS = {
+    "gpt2": {
+        "attention": ["attn.c_attn", "attn.c_proj"],
+        "mlp": ["mlp.c_fc", "mlp.c_proj"],  # the InRank authors' placement
+        "blocks": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    },
+    "llama": {
+        "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj"],
+        "blocks": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    },
 }
-FIXED_RANK = "<inrank final rank>"  # placeholder filled with InRank's final rank fraction
+# Embeddings and norms of each architecture: what trains besides the adapters in a from-scratch
+# residual row (LowRankConfig.modules_to_save), together with the block layers left dense.
+NON_BLOCK = {
+    "gpt2": ["wte", "wpe", "ln_1", "ln_2", "ln_f"],
+    "llama": ["embed_tokens", "input_layernorm", "post_attention_layernorm", "norm"],
+}
+INRANK_RANK = "<inrank final rank>"  # marks the settings filled with InRank's final rank fraction
 
-# InRank's settings: the quick start's (recipes/configs/quickstart.yaml).
-INRANK = {
-    "mode": "factorized",
-    "init": "spectral",
-    "strategy": "inrank",
-    "factor_lr_scale": 3.0,
-    "strategy_args": {"stage2_at": 0.3, "threshold": 0.9},
+# Options the driver sets itself; --set refuses them with the reason.
+DRIVER_OPTIONS = {
+    "task": "a benchmark trains causal language models",
+    "lowrank": "each row sets its own low-rank settings",
+    "output_dir": "--out sets where rows go",
+    "use_cpu": "set device=cpu or device=cuda instead",
+    "compare_full_rank": "the full-rank row is the comparison",
+    "resume_from_checkpoint": "benchmark rows always start fresh",
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scale:
-    """Model shape, data and training settings shared by every row of a benchmark."""
+    """RecipeOptions overrides shared by every row, and the benchmark's own settings."""
 
-    n_layer: int = 4
-    n_embd: int = 256
-    n_head: int = 4
-    block_size: int = 128
-    vocab_size: int = 2048
-    dataset: str = "sotu"  # a corpus of hf_lowrank.data.load_text_corpus; "text"/"json" read data_files
-    data_files: Union[list[str], str, None] = None
-    max_train_tokens: Union[int, None] = None
-    max_eval_tokens: int = 32768
-    max_steps: int = 300
-    batch_size: int = 8
-    learning_rate: float = 2e-3
-    lr_scheduler_type: str = "cosine"
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    max_grad_norm: float = 1.0
-    eval_steps: int = 50
-    logging_steps: int = 10
-    bf16: bool = False
+    recipe: dict[str, Any] = field(default_factory=dict)
+    targets: str = "blocks"  # a placement of PLACEMENTS
     device: str = "cpu"  # "cpu" or "cuda"
     threads: Union[int, None] = 2  # torch.set_num_threads on CPU; None leaves torch's default
     skip_steps: int = 5  # first optimizer steps left out of tokens/s (allocator and kernel warm-up)
-    seed: int = 0
-    targets: str = "attention"  # low-rank layers of the GPT-2 rows: a key of TARGETS
-    galore_rank: Union[int, None] = None  # GaLore projection rank; None = n_embd // 4 (the paper's 60M ratio)
-    galore_update_proj_gap: int = 50
+    compile_backend: str = "inductor"  # torch.compile backend of the compiled row
 
     def replace(self, **changes: Any) -> "Scale":
-        """A copy with ``changes``; unknown names fail with the list of known ones."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown scale setting(s) {unknown}; known settings are {sorted(known)}.")
-        if changes.get("targets", self.targets) not in TARGETS:
-            raise ValueError(f"targets={changes['targets']!r}; choose one of {sorted(TARGETS)}.")
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``: RecipeOptions fields go to ``recipe``, the others are benchmark settings."""
+        own = {f.name for f in dataclasses.fields(self)} - {"recipe"}
+        recipe = {k: v for k, v in changes.items() if k not in own}
+        scale = dataclasses.replace(self, recipe={**self.recipe, **recipe}, **{k: v for k, v in changes.items() if k in own})
+        scale.check()
+        return scale
+
+    def check(self) -> None:
+        """Validate the settings (and the recipe options they make) before any data or model is built."""
+        from hf_lowrank.recipe import RecipeOptions
+
+        known = {f.name for f in dataclasses.fields(RecipeOptions)} - set(DRIVER_OPTIONS)
+        own = sorted({f.name for f in dataclasses.fields(self)} - {"recipe"})
+        for key in sorted(self.recipe):
+            if key in DRIVER_OPTIONS:
+                fail(key, self.recipe[key], DRIVER_OPTIONS[key])
+            if key not in known:
+                fail("--set " + key, self.recipe[key], f"give a recipe option ({', '.join(sorted(known))}) or a benchmark setting ({', '.join(own)})")
+        opts = self.options()
+        check_choice("architecture", opts.architecture, tuple(PLACEMENTS))
+        check_choice("targets", self.targets, tuple(PLACEMENTS[opts.architecture]))
+        check_choice("device", self.device, ("cpu", "cuda"))
+        if self.threads is not None:
+            check_int("threads", self.threads)
+        check_int("skip_steps", self.skip_steps, 0)
+        shortest = min(row_steps(r, opts.max_steps) for r in ROWS)
+        if self.skip_steps >= shortest:
+            fail("skip_steps", self.skip_steps, f"give fewer than the shortest row's {shortest} steps (max_steps={opts.max_steps})")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            fail("compile_backend", self.compile_backend, "give a torch.compile backend name such as 'inductor'")
+
+    def options(self, **overrides: Any):
+        """The RecipeOptions of a row: the scale's recipe settings, then the row's ``overrides``."""
+        from hf_lowrank.recipe import RecipeOptions
+
+        return RecipeOptions(**{"task": "clm", **self.recipe, "use_cpu": self.device == "cpu", **overrides})
+
+    def target_modules(self) -> list[str]:
+        return PLACEMENTS[self.options().architecture][self.targets]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting in one flat mapping (the recipe's fields and the benchmark's own)."""
+        return {**self.recipe, **{k: v for k, v in dataclasses.asdict(self).items() if k != "recipe"}}
 
 
+# GPT-2 models on the bundled State of the Union corpus, AdamW with cosine decay; every row
+# evaluates on the same held-out tokens.
+_COMMON = {
+    "architecture": "gpt2", "dataset": "sotu", "lr_scheduler_type": "cosine", "weight_decay": 0.1,
+    "max_grad_norm": 1.0, "seed": 0,
+}
 SCALES = {
-    # GPT-2 4 x 256 (3.7M parameters, 3.1M of them in the blocks) on the bundled State of the
-    # Union corpus (2.7M training tokens at this vocabulary), 300 steps of 8 x 128 tokens.
-    "cpu": Scale(),
+    # GPT-2 4 x 256 (3.7M parameters, 3.1M of them in the blocks), a 2048-token BPE trained on the
+    # corpus (2.7M training tokens), 300 steps of 8 x 128 tokens: far from converged, < 30 min.
+    "cpu": Scale({
+        **_COMMON, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 128, "vocab_size": 2048,
+        "max_eval_tokens": 32768, "max_steps": 300, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
+        "warmup_steps": 20, "eval_steps": 50, "logging_steps": 10,
+    }),
+    # GPT-2 4 x 128 with a 512-token BPE: 0.79M of its 0.87M parameters are in the block linears.
+    # The corpus is 5.2M training tokens at this vocabulary; 3,000 steps of 8 x 64 tokens (1.5M)
+    # take full rank close to its plateau, about 5 minutes of training a row (5,300 tokens/s
+    # measured). One thread: with a second on a busy core a step took 20x longer (7.4 s, not 0.35 s).
+    "cpu-long": Scale(
+        {
+            **_COMMON, "n_layer": 4, "n_embd": 128, "n_head": 4, "block_size": 64, "vocab_size": 512,
+            "max_eval_tokens": 16384, "max_steps": 3000, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
+            "warmup_steps": 100, "eval_steps": 250, "logging_steps": 50,
+        },
+        threads=1,
+    ),
     # GPT-2 small's shape (12 x 768, 12 heads, 1024 context) in bf16 on one GPU: 98M parameters
     # with this 16384-token vocabulary (124M with GPT-2's 50257). 600 steps of 16 x 1024 tokens
     # are about four passes over SOTU; point dataset/data_files at a larger corpus for longer runs.
     "gpu": Scale(
-        n_layer=12, n_embd=768, n_head=12, block_size=1024, vocab_size=16384, max_eval_tokens=262144,
-        max_steps=600, batch_size=16, learning_rate=6e-4, warmup_steps=60, eval_steps=100, logging_steps=10,
-        bf16=True, device="cuda", threads=None, skip_steps=10,
+        {
+            **_COMMON, "n_layer": 12, "n_embd": 768, "n_head": 12, "block_size": 1024, "vocab_size": 16384,
+            "max_eval_tokens": 262144, "max_steps": 600, "per_device_train_batch_size": 16, "learning_rate": 6e-4,
+            "warmup_steps": 60, "eval_steps": 100, "logging_steps": 10, "bf16": True,
+        },
+        device="cuda", threads=None, skip_steps=10,
     ),
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Row:
-    """One line of the benchmark table."""
+    """One line of the benchmark table: LowRankConfig settings on the scale's placement."""
 
     name: str
     label: str
-    family: str = "gpt2"  # "gpt2" or "llama"
-    lowrank: Union[dict[str, Any], None] = None  # LowRankConfig fields; None: plain Trainer (GaLore)
-    optim: Union[str, None] = None  # a transformers optimizer name for the plain-Trainer rows
-    reference: str = "full"  # the row its ratios are taken against
-    changes_rank: bool = False  # draw its per-layer rank curves
+    lowrank: dict[str, Any]
+    reference: str = "full"  # the row its ratios and its time to quality are taken against
+    steps_fraction: float = 1.0  # a shorter row runs this fraction of the scale's steps
+    compiled: bool = False  # trains under torch.compile (accelerate's dynamo plugin)
     note: str = ""
 
 
-ROWS = [
-    Row("full", "full rank", lowrank={"mode": "dense", "strategy": "fixed"}),
-    Row("inrank", "InRank", lowrank=INRANK, changes_rank=True),
-    Row(
-        "fixed", "fixed rank (control)",
-        lowrank={"mode": "factorized", "init": "kaiming", "strategy": "fixed", "rank": FIXED_RANK},
+FULL = Row("full", "full rank", {"mode": "dense", "strategy": "fixed"})
+INRANK = Row(
+    "inrank", "InRank-Efficient", {"mode": "factorized", "strategy": "inrank"},
+    note="the authors' public code: factorized from step 0, Kaiming factors, rank grows from 2 then stage 2 truncates",
+)
+INRANK_RESIDUAL = Row(
+    "inrank_residual", "InRank (original, residual)",
+    {"mode": "residual", "residual_base": "orthogonal", "strategy": "inrank"},
+    note="the paper's formulation: a frozen orthogonal W0 plus a growing B A; embeddings, norms and dense layers train",
+)
+# Settings of the rows of registered strategies, where a strategy's defaults are not the comparison.
+STRATEGY_ROWS = {
+    "fixed": Row(
+        "fixed", "fixed rank (control)", {"mode": "factorized", "init": "kaiming", "strategy": "fixed", "rank": INRANK_RANK},
         note="the naive control: InRank's final rank from step 0, random (Kaiming) init, library defaults",
     ),
-    Row(
-        "spectral", "fixed rank, spectral init (Kamalakara)",
-        lowrank={**INRANK, "strategy": "fixed", "strategy_args": {}, "rank": FIXED_RANK},
-        note="InRank's settings (spectral init, factor_lr_scale 3) and final rank from step 0, without growth",
-    ),
-    Row("cuttlefish", "Cuttlefish", lowrank={"strategy": "cuttlefish", "frobenius_decay": 1e-4}, changes_rank=True),
-    Row(
-        "warm_start", "warm start (Kamalakara)", lowrank={"strategy": "warm_start", "rank": FIXED_RANK},
-        changes_rank=True,
-    ),
-    Row(
-        "dynamic", "dynamic rank (Shin)", lowrank={"strategy": "dynamic", "strategy_args": {"rank": FIXED_RANK}},
-        changes_rank=True,
-    ),
-    Row("llama_full", "Llama full rank", family="llama", optim="adamw_torch", reference="llama_full"),
-    Row(
-        "galore", "GaLore (Llama)", family="llama", optim="galore_adamw", reference="llama_full",
-        note="transformers optim='galore_adamw' on attention and MLP; GPT-2's Conv1D is not supported by it",
-    ),
-]
-ROW_NAMES = [r.name for r in ROWS]
-ROW_BY_NAME = {r.name: r for r in ROWS}
+    "cuttlefish": Row("cuttlefish", "Cuttlefish", {"strategy": "cuttlefish", "frobenius_decay": 1e-4}),
+    "warm_start": Row("warm_start", "warm start (Kamalakara)", {"strategy": "warm_start", "rank": INRANK_RANK}),
+    "dynamic": Row("dynamic", "dynamic rank (Shin)", {"strategy": "dynamic", "strategy_args": {"rank": INRANK_RANK}}),
+}
+SPECTRAL = Row(
+    "spectral", "fixed rank, spectral init (Kamalakara)",
+    {"mode": "factorized", "init": "spectral", "strategy": "fixed", "rank": INRANK_RANK},
+    note="InRank's final rank from step 0 from the SVD of the dense init, without growth",
+)
+FULL_COMPILED = Row(
+    "full_compiled", "full rank, torch.compile", {"mode": "dense", "strategy": "fixed"}, steps_fraction=1 / 3,
+    compiled=True, note="a third of the steps: tokens/s and peak memory only (its perplexity is not comparable)",
+)
 
 
-def get_row(name: str, fixed_rank: float | None = None, scale: Scale | None = None) -> Row:
-    """The row ``name`` on the scale's target layers, with InRank's final rank filled in where it is used."""
-    if name not in ROW_BY_NAME:
-        raise ValueError(f"unknown row {name!r}; choose from {ROW_NAMES}.")
-    row = ROW_BY_NAME[name]
-    if row.lowrank is None:
-        return row
-    scale = scale or Scale()
-    row = dataclasses.replace(row, lowrank={**TARGETS[scale.targets], **row.lowrank})
-    if FIXED_RANK not in json.dumps(row.lowrank):
-        return row
-    if fixed_rank is None:
-        raise ValueError(f"row {name!r} takes InRank's final rank: run the inrank row first or pass --fixed-rank.")
-    return dataclasses.replace(row, lowrank=_fill(row.lowrank, fixed_rank))
+def all_rows() -> list[Row]:
+    """Every row in run order (InRank before the rows that take its final rank), from the strategy registry."""
+    from hf_lowrank.strategies import REGISTRY
+
+    rows = [FULL, INRANK, INRANK_RESIDUAL]
+    for name in sorted(REGISTRY, key=lambda n: n != "fixed"):  # the controls first, then registry order
+        if name == "inrank":
+            continue
+        rows.append(STRATEGY_ROWS.get(name, Row(name, name, {"strategy": name})))
+        if name == "fixed":
+            rows.append(SPECTRAL)
+    return rows + [FULL_COMPILED]
 
 
-def _fill(value: Any, fixed_rank: float) -> Any:
-    if value == FIXED_RANK:
-        return fixed_rank
+ROWS = all_rows()  # the built-in rows; row_names() re-reads the registry for strategies registered later
+
+
+def row_names() -> list[str]:
+    return [r.name for r in all_rows()]
+
+
+def row_steps(row: Row, max_steps: int) -> int:
+    return max(1, math.floor(row.steps_fraction * max_steps))
+
+
+def takes_inrank_rank(name: str) -> bool:
+    """Whether row ``name`` is compared at InRank's final rank."""
+    return any(r.name == name and INRANK_RANK in json.dumps(r.lowrank) for r in all_rows())
+
+
+def get_row(name: str, scale: Scale, inrank_rank: float | None = None) -> Row:
+    """The row ``name`` on the scale's placement, with InRank's final rank filled in where it is used."""
+    by_name = {r.name: r for r in all_rows()}
+    if name not in by_name:
+        fail("row", name, f"choose from {', '.join(by_name)}")
+    row = by_name[name]
+    opts = scale.options()
+    lowrank = {"target_modules": scale.target_modules(), **row.lowrank}
+    if lowrank.get("mode") == "residual" and lowrank.get("residual_base") == "orthogonal":
+        # From scratch, everything but the frozen W0 trains: embeddings, norms, the layers left dense.
+        dense = [m for m in PLACEMENTS[opts.architecture]["blocks"] if m not in lowrank["target_modules"]]
+        lowrank["modules_to_save"] = NON_BLOCK[opts.architecture] + dense
+    if takes_inrank_rank(name):
+        if inrank_rank is None:
+            fail("row", name, "it takes InRank's final rank: run the inrank row first or pass --inrank-rank")
+        lowrank = _fill(lowrank, inrank_rank)
+    return dataclasses.replace(row, lowrank=lowrank)
+
+
+def _fill(value: Any, rank: float) -> Any:
+    if value == INRANK_RANK:
+        return rank
     if isinstance(value, dict):
-        return {k: _fill(v, fixed_rank) for k, v in value.items()}
+        return {k: _fill(v, rank) for k, v in value.items()}
     return value
 
 
@@ -167,10 +258,24 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set max_steps=50")
+        if not eq or not key:
+            fail("--set", item, "give key=value, e.g. --set max_steps=50")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def parse_rates(text: str) -> list[float]:
+    """``--lr-sweep 1e-3,2e-3,4e-3`` as a list of distinct positive learning rates."""
+    rates = []
+    for part in text.split(","):
+        try:
+            rate = float(part)
+        except ValueError:
+            fail("--lr-sweep", text, "give comma-separated learning rates, e.g. 1e-3,2e-3,4e-3")
+        if not (math.isfinite(rate) and rate > 0) or rate in rates:
+            fail("--lr-sweep", text, "give distinct learning rates > 0, e.g. 1e-3,2e-3,4e-3")
+        rates.append(rate)
+    return rates

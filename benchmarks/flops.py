@@ -1,4 +1,4 @@
-"""Matmul FLOPs per token of one training step (forward + backward), from a model's layer layout.
+"""Matmul FLOPs per token of one training step (forward + backward), from a model's layer report.
 
 The count is the usual one (Kaplan et al. 2020): a weight of ``n`` entries used in a matmul
 costs ``2 n`` FLOPs per token forward and ``4 n`` backward (input gradient and weight
@@ -27,14 +27,16 @@ from hf_lowrank.layer import LowRankLinear
 Layout = dict[str, list]  # layer name -> [mode, rank, in_features, out_features]
 
 
-def layout(model: nn.Module) -> Layout:
-    """The current mode and active rank of every low-rank layer (rank = full rank when dense)."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LowRankLinear):
-            rank = m.full_rank if m.mode == "dense" else m.rank
-            out[name] = [m.mode, rank, m.in_features, m.out_features]
-    return out
+def layout(model) -> Layout:
+    """Mode and active rank of every low-rank layer of a LowRankModel (rank = full rank when dense).
+
+    Mode and rank come from the model's own ``layer_report()``; the layer's two sizes from the layer.
+    """
+    layers = model.lowrank_layers()
+    return {
+        r["layer"]: [r["mode"], r["rank"], layers[r["layer"]].in_features, layers[r["layer"]].out_features]
+        for r in model.layer_report()
+    }
 
 
 def layer_flops(mode: str, rank: int, in_features: int, out_features: int) -> float:
@@ -85,3 +87,8 @@ def average_flops(changes: list[dict[str, Any]], other: float, start: int, stop:
         span = max(0, min(end, stop) - max(change["step"], start))
         total += span * layout_flops(change["layout"], other)
     return total / (stop - start)
+
+
+def total_flops(changes: list[dict[str, Any]], other: float, stop: int, tokens_per_step: int) -> float:
+    """Training FLOPs of optimizer steps ``0 <= s < stop``: their average FLOPs per token times their tokens."""
+    return average_flops(changes, other, 0, stop) * stop * tokens_per_step

@@ -1,26 +1,29 @@
 """Every strategy side by side on the same data, seed and steps; prints measured ratios to full rank.
 
-    python -m benchmarks.run --scale cpu --out runs/bench-cpu    # GPT-2 4x256 on SOTU, 2 CPU cores, < 30 min
-    python -m benchmarks.run --scale gpu --out runs/bench-gpu    # GPT-2 small (124M) in bf16, one GPU
-    hf-lowrank report runs/bench-cpu                             # regenerate report.md and the plots
+    python -m benchmarks.run --scale cpu --out runs/bench-cpu            # GPT-2 4x256, 300 steps, 2 CPU cores
+    python -m benchmarks.run --scale cpu-long --out runs/bench-long      # GPT-2 4x128 to its plateau, < 60 min
+    python -m benchmarks.run --scale cpu-long --lr-sweep 1e-3,2e-3,4e-3 --rows full,inrank --out runs/sweep
+    benchmarks/gpu.sh runs/bench-gpu                                     # GPT-2 small's shape, bf16, one GPU
+    python -m benchmarks.report runs/bench-cpu                           # regenerate report.md and the plots
 
-Rows: full rank, InRank, the fixed-rank control, Cuttlefish, warm start (Kamalakara), dynamic
-rank (Shin), and GaLore through transformers' ``optim="galore_adamw"`` beside a Llama-style
-full-rank row of the same size (GaLore only projects ``nn.Linear``, and GPT-2 uses
-``Conv1D``). Each row trains in a fresh ``python -m benchmarks.run_row`` process (its own
-peak memory), writes ``rows/<name>/*.json``, and gets a one-line summary here; the driver
-then writes ``report.md`` with the table, the targets met or missed, and the PNG plots.
+Each row trains through ``hf_lowrank.recipe.train_one`` in a fresh ``python -m
+benchmarks.run_row`` process (its own peak memory), writes ``rows/<name>/*.json`` and gets a
+one-line summary here, with its time. With ``--lr-sweep`` each row runs at every rate (under
+``sweep/<name>/lr-<rate>/``) and ``rows/<name>`` holds its run at the rate of lowest eval
+perplexity. The driver then adds each row's time to full rank's final perplexity and writes
+``report.md`` with the table, the targets met or missed, the sweep and the PNG plots.
 This is a measurement, not a test: it prints ratios and fails only if a row crashes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -28,15 +31,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.config import ROW_BY_NAME, ROW_NAMES, SCALES, Scale, get_row, parse_settings
+from benchmarks.config import (
+    SCALES,
+    Scale,
+    get_row,
+    parse_rates,
+    parse_settings,
+    row_names,
+    row_steps,
+    takes_inrank_rank,
+)
+from benchmarks.flops import total_flops
+from hf_lowrank.checks import fail
 from hf_lowrank.files import read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+ROW_FILES = ("metrics.json", "log_history.json", "rank_pattern.json")
+PREFLIGHT_RANK = 0.25  # stands in for InRank's final rank when the rows that take it are checked up front
 
 
 def machine() -> str:
     """CPU model, cores, memory, and GPU if any, in one line."""
     import torch
+    import transformers
 
     cpu = platform.processor() or platform.machine()
     info = Path("/proc/cpuinfo")
@@ -50,8 +67,6 @@ def machine() -> str:
         pass
     if torch.cuda.is_available():
         parts.append(torch.cuda.get_device_name())
-    import transformers
-
     parts.append(f"torch {torch.__version__}, transformers {transformers.__version__}")
     return ", ".join(parts)
 
@@ -63,32 +78,89 @@ def load_average() -> str:
         return "unknown"
 
 
-def inrank_rank_fraction(out: Path) -> float | None:
-    """Sum of InRank's final ranks over the sum of full ranks, from its ``rank_pattern.json``."""
-    path = out / "rows" / "inrank" / "rank_pattern.json"
+def rank_fraction(row_dir: Path) -> float | None:
+    """Sum of a row's final low-rank ranks over the sum of their full ranks, from its ``rank_pattern.json``."""
+    path = row_dir / "rank_pattern.json"
     if not path.is_file():
         return None
-    pattern = read_json(path)
-    low = [p for p in pattern.values() if p["mode"] != "dense"]
+    low = [p for p in read_json(path).values() if p["mode"] != "dense"]
     return round(sum(p["rank"] for p in low) / sum(p["full_rank"] for p in low), 4) if low else None
 
 
-def skip_reason(name: str) -> str | None:
-    """Why a row cannot run here, or None."""
-    if name == "galore" and importlib.util.find_spec("galore_torch") is None:
-        return "galore-torch is not installed (pip install galore-torch)"
-    return None
-
-
 def summary_line(metrics: dict[str, Any], reference: dict[str, Any] | None, seconds: float) -> str:
-    """The one line printed as each row finishes."""
+    """The one line printed as each row (or sweep point) finishes."""
     m = metrics
     rel = lambda key: f" ({m[key] / reference[key]:.2f}x)" if reference else ""  # noqa: E731
     return (
-        f"{m['label']}: ppl {m['perplexity']:.1f}{rel('perplexity')} | {m['tokens_per_second']:,.0f} tok/s{rel('tokens_per_second')} "
+        f"{m['label']} (lr {m['learning_rate']:g}): ppl {m['perplexity']:.1f}{rel('perplexity')} "
+        f"| {m['tokens_per_second']:,.0f} tok/s{rel('tokens_per_second')} "
         f"| trainable {m['trainable_params']:,}{rel('trainable_params')} | peak {m['peak_memory_bytes'] / 2**20:,.0f} MiB "
         f"| decisions {100 * m['decision_share']:.2f}% | {seconds:.0f} s"
     )
+
+
+# -- time to quality ---------------------------------------------------------------------------
+
+
+def time_to_quality(metrics: dict[str, Any], history: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The first evaluation at which a row's perplexity is at most ``target``: its step, training time and FLOPs.
+
+    ``step`` is None when no evaluation reached it. The resolution is the evaluation interval.
+    """
+    for entry in sorted((e for e in history if "eval_loss" in e), key=lambda e: e["step"]):
+        if math.exp(min(entry["eval_loss"], 700.0)) <= target:
+            step = entry["step"]
+            flops = total_flops(metrics["flop_layouts"], metrics["other_flops_per_token"], step, metrics["tokens_per_step"])
+            return {"target_perplexity": target, "step": step, "train_seconds": entry["train_seconds"], "flops": flops}
+    return {"target_perplexity": target, "step": None, "train_seconds": None, "flops": None}
+
+
+def annotate_quality(out: Path) -> None:
+    """Write ``time_to_quality`` into every row's ``metrics.json``: against its reference's final perplexity."""
+    rows_dir = out / "rows"
+    for folder in sorted(p for p in rows_dir.iterdir() if (p / "metrics.json").is_file()):
+        metrics = read_json(folder / "metrics.json")
+        ref_file = rows_dir / metrics.get("reference", "") / "metrics.json"
+        if "perplexity" not in metrics or not ref_file.is_file() or "perplexity" not in read_json(ref_file):
+            continue
+        history = read_json(folder / "log_history.json")
+        metrics["time_to_quality"] = time_to_quality(metrics, history, read_json(ref_file)["perplexity"])
+        write_json(folder / "metrics.json", metrics)
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+def _run_one(
+    name: str, scale_name: str, settings: dict[str, Any], scale: Scale, row_dir: Path, order: int,
+    rate: float | None, inrank_rank: float | None, isolate: bool,
+) -> int:
+    """Train one row (at one sweep rate) into ``row_dir``; returns the exit status."""
+    from benchmarks.run_row import run_row
+
+    for filename in ROW_FILES:
+        (row_dir / filename).unlink(missing_ok=True)
+    if not isolate:
+        run_row(get_row(name, scale, inrank_rank), scale, row_dir, order, {} if rate is None else {"learning_rate": rate})
+        return 0
+    cmd = [sys.executable, "-m", "benchmarks.run_row", "--out", str(row_dir), "--row", name, "--scale", scale_name, "--order", str(order)]
+    cmd += [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
+    cmd += [] if rate is None else ["--learning-rate", repr(rate)]
+    cmd += [] if inrank_rank is None else ["--inrank-rank", repr(inrank_rank)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=False).returncode
+
+
+class SetupError(ValueError):
+    """A setting, row or rate the benchmark cannot run with; raised before any data is read."""
+
+
+def check_rows(rows: list[str]) -> list[str]:
+    """``rows`` in run order (InRank before the rows that take its final rank); unknown names fail."""
+    names = row_names()
+    if not rows or any(r not in names for r in rows):
+        fail("--rows", ",".join(rows), f"choose from {','.join(names)}")
+    return sorted(set(rows), key=names.index)
 
 
 def run_benchmark(
@@ -96,21 +168,34 @@ def run_benchmark(
     out: Path,
     rows: list[str],
     settings: dict[str, Any] | None = None,
-    fixed_rank: float | None = None,
+    inrank_rank: float | None = None,
     isolate: bool = True,
     command: str | None = None,
+    rates: list[float] | None = None,
 ) -> Path:
-    """Run ``rows`` (each in a fresh process unless ``isolate`` is False), then write the report.
+    """Run ``rows`` (each in a fresh process unless ``isolate`` is False), at each of ``rates`` if given; write the report.
 
     Returns the path of ``report.md``. In-process rows share one process, so a row's peak
     memory can include what earlier rows left allocated; use it for smoke runs only.
     """
-    from benchmarks.run_row import prepare_data, run_row
-    from hf_lowrank.report import write_report
+    import torch
+
+    from benchmarks.report import write_benchmark_report
+    from hf_lowrank.recipe import check, load_data
 
     settings = settings or {}
-
-    scale: Scale = SCALES[scale_name].replace(**settings)
+    try:  # every setting, and each row's layers, ranks and schedule against the model, before any data is read
+        scale = SCALES[scale_name].replace(**settings)
+        if scale.device == "cuda" and not torch.cuda.is_available():
+            fail("device", "cuda", f"torch {torch.__version__} sees no GPU here; use --scale cpu or --set device=cpu")
+        rows = check_rows(rows)
+        for name in rows:
+            row = get_row(name, scale, inrank_rank or PREFLIGHT_RANK)
+            if takes_inrank_rank(name) and inrank_rank is None and "inrank" not in rows and rank_fraction(out / "rows" / "inrank") is None:
+                fail("--rows", ",".join(rows), f"row {name!r} takes InRank's final rank: add inrank, or pass --inrank-rank")
+            check(scale.options(lowrank=row.lowrank, max_steps=row_steps(row, scale.options().max_steps)))
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     meta = {
@@ -121,72 +206,79 @@ def run_benchmark(
         "scale": scale_name,
         "settings": scale.to_dict(),
         "rows": rows,
+        "lr_sweep": rates,
     }
     write_json(out / "benchmark.json", meta)
-    prepare_data(scale, out)
-    set_args = [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
+    t = time.perf_counter()
+    load_data(scale.options())  # trains and caches the tokenizer once, and fails early on a bad corpus
+    print(f"data ready: {time.perf_counter() - t:.0f} s", flush=True)
     failed = []
     for order, name in enumerate(rows):
         row_dir = out / "rows" / name
-        row_dir.mkdir(parents=True, exist_ok=True)
-        (row_dir / "metrics.json").unlink(missing_ok=True)
-        reason = skip_reason(name)
-        if reason:
-            row = ROW_BY_NAME[name]
-            write_json(row_dir / "metrics.json", {"name": name, "label": row.label, "reference": row.reference, "order": order, "skipped": reason})
-            print(f"[{order + 1}/{len(rows)}] {row.label}: skipped, {reason}", flush=True)
-            continue
-        rank = fixed_rank if fixed_rank is not None else inrank_rank_fraction(out)
-        cmd = [sys.executable, "-m", "benchmarks.run_row", "--out", str(out), "--row", name, "--scale", scale_name, "--order", str(order)]
-        cmd += set_args + (["--fixed-rank", str(rank)] if rank is not None else [])
-        t = time.perf_counter()
-        if isolate:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            status = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-        else:
-            run_row(get_row(name, rank, scale), scale, out, order)
-            status = 0
-        seconds = time.perf_counter() - t
-        if status != 0 or not (row_dir / "metrics.json").is_file():
+        shutil.rmtree(row_dir, ignore_errors=True)
+        shutil.rmtree(out / "sweep" / name, ignore_errors=True)
+        rank = inrank_rank if inrank_rank is not None else rank_fraction(out / "rows" / "inrank")
+        runs = []
+        for rate in rates or [None]:
+            run_dir = row_dir if rate is None else out / "sweep" / name / f"lr-{rate:g}"
+            t = time.perf_counter()
+            status = _run_one(name, scale_name, settings, scale, run_dir, order, rate, rank, isolate)
+            seconds = time.perf_counter() - t
+            label = name if rate is None else f"{name} (lr {rate:g})"
+            if status != 0 or not (run_dir / "metrics.json").is_file():
+                print(f"[{order + 1}/{len(rows)}] {label}: FAILED (exit {status}, see the output above)", flush=True)
+                continue
+            metrics = read_json(run_dir / "metrics.json")
+            ref_file = out / "rows" / metrics["reference"] / "metrics.json"
+            reference = read_json(ref_file) if metrics["reference"] != name and ref_file.is_file() else None
+            print(f"[{order + 1}/{len(rows)}] " + summary_line(metrics, reference, seconds), flush=True)
+            runs.append((metrics, run_dir))
+        if not runs:
             failed.append(name)
-            print(f"[{order + 1}/{len(rows)}] {name}: FAILED (exit {status}, see the output above)", flush=True)
             continue
-        metrics = read_json(row_dir / "metrics.json")
-        ref_file = out / "rows" / metrics["reference"] / "metrics.json"
-        reference = read_json(ref_file) if metrics["reference"] != name and ref_file.is_file() else None
-        if reference is not None and "eval_loss" not in reference:
-            reference = None
-        print(f"[{order + 1}/{len(rows)}] " + summary_line(metrics, reference, seconds), flush=True)
+        if rates:
+            _keep_best(runs, row_dir)
+    annotate_quality(out)
     meta["load average at end"] = load_average()
     meta["runtime"] = f"{(time.perf_counter() - start) / 60:.1f} min"
     write_json(out / "benchmark.json", meta)
-    report = write_report(out)
+    report = write_benchmark_report(out)
     if failed:
         raise SystemExit(f"rows failed: {failed}; the report covers the others ({report})")
     return report
 
 
+def _keep_best(runs: list[tuple[dict[str, Any], Path]], row_dir: Path) -> None:
+    """Copy the sweep point of lowest eval perplexity to ``row_dir``, with every point's result in its metrics."""
+    best_metrics, best_dir = min(runs, key=lambda run: run[0]["perplexity"])
+    row_dir.mkdir(parents=True, exist_ok=True)
+    for name in ROW_FILES:
+        shutil.copyfile(best_dir / name, row_dir / name)
+    sweep = [{"learning_rate": m["learning_rate"], "perplexity": m["perplexity"], "folder": str(d.relative_to(row_dir.parents[1]))} for m, d in runs]
+    write_json(row_dir / "metrics.json", {**best_metrics, "sweep": sweep})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: GPT-2 4x256 on 2 cores; gpu: GPT-2 small, bf16")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu, cpu-long (to full rank's plateau) or gpu")
     parser.add_argument("--out", default=None, help="benchmark directory (default runs/bench-<scale>)")
-    parser.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated subset of {','.join(ROW_NAMES)}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(row_names())} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")
-    parser.add_argument("--fixed-rank", type=float, default=None, help="rank fraction for fixed/warm_start/dynamic (default: InRank's final)")
+    parser.add_argument("--lr-sweep", default=None, metavar="LR,LR,...", help="run each row at each rate and report it at its best")
+    parser.add_argument("--inrank-rank", type=float, default=None, help="rank fraction for fixed/spectral/warm_start/dynamic (default: InRank's final)")
     parser.add_argument("--in-process", action="store_true", help="run rows in this process (smoke runs; peak memory then mixes rows)")
     args = parser.parse_args(argv)
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROW_NAMES]
-    if unknown:
-        raise SystemExit(f"--rows: unknown row(s) {unknown}; choose from {ROW_NAMES}")
-    rows.sort(key=ROW_NAMES.index)  # InRank runs before the rows that take its final rank
+    rows = [r for r in (args.rows or ",".join(row_names())).split(",") if r]
+    out = Path(args.out or f"runs/bench-{args.scale}")
     try:
         settings = parse_settings(args.set)
-        SCALES[args.scale].replace(**settings)
+        rates = parse_rates(args.lr_sweep) if args.lr_sweep else None
     except ValueError as e:
-        raise SystemExit(f"--set: {e}") from None
-    out = Path(args.out or f"runs/bench-{args.scale}")
-    report = run_benchmark(args.scale, out, rows, settings, args.fixed_rank, isolate=not args.in_process)
+        raise SystemExit(f"benchmarks.run: {e}") from None
+    try:
+        report = run_benchmark(args.scale, out, rows, settings, args.inrank_rank, isolate=not args.in_process, rates=rates)
+    except SetupError as e:
+        raise SystemExit(f"benchmarks.run: {e}") from None
     print()
     print(report.read_text())
     print(f"report: {report}")

@@ -1,43 +1,65 @@
-"""The benchmark driver end to end on a tiny GPT-2 and the synthetic corpus, and its FLOP count."""
+"""The benchmark: rows through the recipe, scales, rows from the registry, time to quality, FLOPs, sweep."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not part of the installed package
 
 from benchmarks import run as bench  # noqa: E402
-from benchmarks.config import ROW_NAMES, SCALES, get_row  # noqa: E402
-from benchmarks.flops import average_flops, layer_flops  # noqa: E402
+from benchmarks.config import (  # noqa: E402
+    PLACEMENTS,
+    SCALES,
+    get_row,
+    parse_rates,
+    parse_settings,
+    row_names,
+)
+from benchmarks.flops import average_flops, layer_flops, layout, total_flops  # noqa: E402
+from benchmarks.report import QUALITY_COLUMNS  # noqa: E402
+from hf_lowrank import recipe  # noqa: E402
 from hf_lowrank.files import read_json  # noqa: E402
 from hf_lowrank.report import COLUMNS  # noqa: E402
+from hf_lowrank.strategies import REGISTRY, RankStrategy  # noqa: E402
 
 TINY = {
     "dataset": "synthetic", "n_layer": 2, "n_embd": 32, "n_head": 2, "block_size": 16, "vocab_size": 300,
-    "max_eval_tokens": 256, "max_steps": 6, "batch_size": 4, "warmup_steps": 1, "eval_steps": 3, "logging_steps": 1,
-    "skip_steps": 1,
+    "max_eval_tokens": 256, "max_steps": 6, "per_device_train_batch_size": 4, "warmup_steps": 1, "eval_steps": 3,
+    "logging_steps": 1, "skip_steps": 1, "threads": 1,
 }
 
 
-def test_driver_runs_rows_and_writes_every_column(tmp_path, monkeypatch, capsys):
-    real_find_spec = bench.importlib.util.find_spec
-    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: None if name == "galore_torch" else real_find_spec(name))
-    report = bench.run_benchmark("cpu", tmp_path, ["full", "inrank", "fixed", "galore"], TINY, isolate=False, command="test")
+def _cells(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_rows_train_through_the_recipe(tmp_path, monkeypatch, capsys):
+    built, arguments = [], []
+    real_build, real_args = recipe.build_model, recipe.training_arguments
+    monkeypatch.setattr(recipe, "build_model", lambda opts, *a, **k: built.append(opts) or real_build(opts, *a, **k))
+    monkeypatch.setattr(recipe, "training_arguments", lambda opts, d: arguments.append(opts) or real_args(opts, d))
+    report = bench.run_benchmark("cpu", tmp_path, ["full", "inrank", "fixed"], TINY, isolate=False, command="test")
+
+    # one model builder and one set of TrainingArguments: the recipe's, for every row
+    trained = [o for o in built if o.lowrank == {}]  # the pre-flight check builds with each row's lowrank settings
+    assert len(trained) == 3 and len(arguments) == 3
+    assert {o.learning_rate for o in arguments} == {SCALES["cpu"].recipe["learning_rate"]}
+    assert all(o.per_device_train_batch_size == 4 and o.max_steps == 6 and o.use_cpu for o in arguments)
     printed = capsys.readouterr().out
-    assert "[2/4] InRank: ppl" in printed and "tok/s" in printed and "GaLore (Llama): skipped" in printed
+    assert "[2/3] InRank-Efficient (lr 0.002): ppl" in printed and "tok/s" in printed and "data ready" in printed
+
     text = report.read_text()
     header = next(line for line in text.splitlines() if line.startswith("| row"))
     assert [c.strip() for c in header.strip("|").split("|")] == list(COLUMNS)
-    for label in ("full rank", "InRank", "fixed rank (control)"):
-        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == len(COLUMNS) and "-" not in cells[:-1], line  # only "rank decisions" may be empty
-    assert "not run: galore-torch is not installed" in text
-    for name in ("eval_loss.png", "ranks.png", "final_ranks.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+    for label in ("full rank", "InRank-Efficient", "fixed rank (control)"):
+        cells = _cells(text, label)
+        assert len(cells) == len(COLUMNS) and "-" not in cells[:-1], cells  # only "rank decisions" may be empty
 
     inrank = read_json(tmp_path / "rows" / "inrank" / "metrics.json")
     history = read_json(tmp_path / "rows" / "inrank" / "log_history.json")
@@ -45,45 +67,156 @@ def test_driver_runs_rows_and_writes_every_column(tmp_path, monkeypatch, capsys)
     assert [e["step"] for e in history if "eval_loss" in e] == [3, 6]
     assert all("layers" in e and "train_seconds" in e for e in history)
     assert set(pattern) == set(history[-1]["layers"]) and all(p["mode"] == "factorized" for p in pattern.values())
+    assert all(name.endswith(tuple(PLACEMENTS["gpt2"]["blocks"])) for name in pattern), "blocks is the default placement"
     assert inrank["tokens_per_second"] > 0 and inrank["steady_steps"] == 5 and 0 <= inrank["decision_share"] < 1
     assert inrank["flops_per_token_final"] < inrank["flops_per_token_dense"]
+    assert 0 < inrank["train_flops"] < read_json(tmp_path / "rows" / "full" / "metrics.json")["train_flops"]
+    assert inrank["strategy_state"]["ranks"], "the strategy's own state_dict is recorded"
     fixed = read_json(tmp_path / "rows" / "fixed" / "metrics.json")
     fraction = sum(p["rank"] for p in pattern.values()) / sum(p["full_rank"] for p in pattern.values())
     assert fixed["lowrank_config"]["rank"] == pytest.approx(fraction, abs=1e-3), "fixed takes InRank's final rank"
     assert fixed["lowrank_config"]["init"] == "kaiming", "the control is the naive one"
 
-
-@pytest.mark.slow
-def test_one_row_in_its_own_process(tmp_path):
-    args = [f"--set={k}={v}" for k, v in TINY.items()]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path), "--rows", "full", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "[1/1] full rank: ppl" in proc.stdout
-    assert read_json(tmp_path / "rows" / "full" / "metrics.json")["memory_kind"].startswith("process peak RSS")
-    assert (tmp_path / "report.md").is_file()
+    # time to quality: full rank reaches its own final perplexity by its last evaluation at the latest
+    full = read_json(tmp_path / "rows" / "full" / "metrics.json")
+    assert full["time_to_quality"]["target_perplexity"] == full["perplexity"] and full["time_to_quality"]["step"] in (3, 6)
+    assert inrank["time_to_quality"]["target_perplexity"] == full["perplexity"]
+    quality = text[text.index("## Time to quality"):]
+    header = next(line for line in quality.splitlines() if line.startswith("| row"))
+    assert [c.strip() for c in header.strip("|").split("|")] == list(QUALITY_COLUMNS)
+    assert _cells(quality, "full rank")[3].endswith("of 6") and _cells(quality, "full rank")[-1] == "1.00"
+    assert "at step 3 to" in quality and "over the last quarter of the run" in quality
 
 
-def test_rows_and_scales_are_consistent():
-    assert ROW_NAMES.index("inrank") < min(ROW_NAMES.index(n) for n in ("fixed", "spectral", "warm_start", "dynamic"))
-    assert SCALES["gpu"].bf16 and SCALES["gpu"].device == "cuda" and SCALES["cpu"].threads == 2
+def test_any_corpus_through_dataset_text(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    words = ["river", "stone", "light", "winter", "garden", "letter", "market", "signal"]
+    corpus.write_text("\n".join(f"the {a} and the {b} were {c} ." for a in words for b in words for c in words))
+    settings = {**TINY, "dataset": "text", "data_files": [str(corpus)]}
+    bench.run_benchmark("cpu", tmp_path / "bench", ["full"], settings, isolate=False, command="test")
+    metrics = read_json(tmp_path / "bench" / "rows" / "full" / "metrics.json")
+    assert metrics["recipe_options"]["dataset"] == "text" and metrics["recipe_options"]["data_files"] == [str(corpus)]
+    assert metrics["perplexity"] < 300  # learned something of a 300-token vocabulary
+
+
+def test_time_to_quality_is_the_first_evaluation_at_the_target():
+    metrics = {"flop_layouts": [{"step": 0, "layout": {"a": ["dense", 8, 8, 8]}}], "other_flops_per_token": 0.0, "tokens_per_step": 10}
+    history = [
+        {"step": 2, "eval_loss": 3.0, "train_seconds": 1.0},
+        {"step": 3, "loss": 0.1, "train_seconds": 1.5},  # a training loss is not an evaluation
+        {"step": 4, "eval_loss": 2.0, "train_seconds": 2.0},
+        {"step": 6, "eval_loss": 1.0, "train_seconds": 3.0},
+    ]
+    hit = bench.time_to_quality(metrics, history, target=7.5)  # exp(2.0) = 7.39 is the first <= 7.5
+    assert (hit["step"], hit["train_seconds"]) == (4, 2.0)
+    assert hit["flops"] == pytest.approx(4 * 10 * 6 * 64)
+    never = bench.time_to_quality(metrics, history, target=2.0)
+    assert never["step"] is None and never["train_seconds"] is None and never["flops"] is None
+
+
+def test_lr_sweep_reports_each_row_at_its_best_rate_and_keeps_every_point(tmp_path):
+    rates = parse_rates("1e-3,8e-3")
+    report = bench.run_benchmark("cpu", tmp_path, ["full", "inrank"], TINY, isolate=False, command="test", rates=rates)
+    for name in ("full", "inrank"):
+        points = {rate: read_json(tmp_path / "sweep" / name / f"lr-{rate:g}" / "metrics.json") for rate in rates}
+        best = min(points.values(), key=lambda m: m["perplexity"])
+        kept = read_json(tmp_path / "rows" / name / "metrics.json")
+        assert kept["learning_rate"] == best["learning_rate"] and kept["perplexity"] == best["perplexity"]
+        assert [p["learning_rate"] for p in kept["sweep"]] == rates
+        assert {p["learning_rate"]: p["perplexity"] for p in kept["sweep"]} == {r: m["perplexity"] for r, m in points.items()}
+    text = report.read_text()
+    sweep = text[text.index("## Learning-rate sweep"):]
+    assert sum(line.startswith("| ") for line in sweep.splitlines()) == 1 + 2 * len(rates)  # header + every point
+    assert sweep.count("| best |") == 2
+    for bad in ("1e-3,x", "1e-3,1e-3", "0,1e-3"):
+        with pytest.raises(ValueError, match="--lr-sweep"):
+            parse_rates(bad)
+
+
+def test_rows_come_from_the_registry():
+    names = row_names()
+    assert set(REGISTRY) <= set(names)
+    assert names.index("inrank") < min(names.index(n) for n in ("fixed", "spectral", "warm_start", "dynamic"))
+
+    class Probe(RankStrategy):
+        name = "probe_for_benchmark_test"
+
+    try:
+        assert "probe_for_benchmark_test" in row_names(), "a newly registered strategy gets a row"
+        row = get_row("probe_for_benchmark_test", SCALES["cpu"])
+        assert row.lowrank["strategy"] == "probe_for_benchmark_test"
+    finally:
+        REGISTRY.pop("probe_for_benchmark_test")
+
+
+def test_rows_and_placements():
+    scale = SCALES["cpu-long"]
     with pytest.raises(ValueError, match="run the inrank row first"):
-        get_row("fixed")
-    assert get_row("warm_start", 0.2).lowrank["rank"] == 0.2
-    with pytest.raises(ValueError, match="unknown scale setting"):
-        SCALES["cpu"].replace(bogus=1)
-    with pytest.raises(ValueError, match="targets='ffn'; choose one of"):
-        SCALES["cpu"].replace(targets="ffn")
-    # every GPT-2 row factorizes the same layers, dense included (so its wrapper is the same)
-    for targets, modules in [("attention", ["attn.c_attn", "attn.c_proj"]), ("mlp", ["mlp.c_fc", "mlp.c_proj"])]:
-        scale = SCALES["cpu"].replace(targets=targets)
-        for name in ("full", "inrank", "cuttlefish"):
-            assert get_row(name, scale=scale).lowrank["target_modules"] == modules
-    spectral, naive = get_row("spectral", 0.2).lowrank, get_row("fixed", 0.2).lowrank
+        get_row("fixed", scale)
+    assert get_row("warm_start", scale, 0.2).lowrank["rank"] == 0.2
+    assert get_row("dynamic", scale, 0.2).lowrank["strategy_args"]["rank"] == 0.2
+    spectral, naive = get_row("spectral", scale, 0.2).lowrank, get_row("fixed", scale, 0.2).lowrank
     assert spectral["init"] == "spectral" and naive["init"] == "kaiming" and "factor_lr_scale" not in naive
-    assert get_row("galore").lowrank is None
+    # the paper's InRank: residual over a frozen orthogonal W0; what is not a frozen W0 trains
+    original = get_row("inrank_residual", scale.replace(targets="mlp")).lowrank
+    assert original["mode"] == "residual" and original["residual_base"] == "orthogonal"
+    assert {"wte", "wpe", "ln_f", "attn.c_attn", "attn.c_proj"} <= set(original["modules_to_save"])
+    assert not set(original["modules_to_save"]) & set(original["target_modules"])
+    assert get_row("inrank", scale).lowrank["mode"] == "factorized" and "init" not in get_row("inrank", scale).lowrank
+    # every row wraps the same layers, full rank included
+    for targets in ("mlp", "blocks"):
+        placed = scale.replace(targets=targets)
+        for name in ("full", "inrank", "cuttlefish", "full_compiled"):
+            assert get_row(name, placed, 0.2).lowrank["target_modules"] == PLACEMENTS["gpt2"][targets]
+    assert get_row("full_compiled", scale).compiled and not get_row("full", scale).compiled
+
+
+def test_scales_are_recipe_overrides_and_bad_settings_fail_early():
+    assert set(SCALES) == {"cpu", "cpu-long", "gpu"}
+    assert all(s.targets == "blocks" for s in SCALES.values())
+    gpu = SCALES["gpu"].options()
+    assert gpu.bf16 and not gpu.use_cpu and (gpu.n_layer, gpu.n_embd, gpu.block_size) == (12, 768, 1024)
+    scale = SCALES["cpu"].replace(max_steps=50, targets="mlp", threads=1)
+    assert scale.recipe["max_steps"] == 50 and scale.targets == "mlp" and scale.threads == 1
+    assert scale.options().max_steps == 50 and SCALES["cpu"].recipe["max_steps"] == 300
+    for changes, match in [
+        ({"bogus": 1}, "--set bogus=1"),
+        ({"targets": "ffn"}, "targets='ffn'"),
+        ({"lowrank": {}}, "each row sets its own"),
+        ({"use_cpu": True}, "set device=cpu"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0"),
+        ({"skip_steps": 300}, "skip_steps=300"),
+        ({"device": "tpu"}, "device='tpu'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SCALES["cpu"].replace(**changes)
+    assert parse_settings(["max_steps=50", "dataset=text", "data_files=[\"a.txt\"]"]) == {
+        "max_steps": 50, "dataset": "text", "data_files": ["a.txt"],
+    }
+    with pytest.raises(ValueError, match="key=value"):
+        parse_settings(["max_steps"])
+
+
+def test_setup_errors_come_before_any_data(tmp_path):
+    with pytest.raises(bench.SetupError, match="row 'fixed' takes InRank's final rank: add inrank"):
+        bench.run_benchmark("cpu", tmp_path, ["fixed"], TINY, isolate=False)
+    with pytest.raises(bench.SetupError, match="--rows='full,nope' is not allowed; choose from full,inrank"):
+        bench.run_benchmark("cpu", tmp_path, ["full", "nope"], TINY, isolate=False)
+    with pytest.raises(bench.SetupError, match="stage2_at=0.25 is not allowed"):  # a row's schedule against the run
+        bench.run_benchmark("cpu", tmp_path, ["inrank"], {**TINY, "max_steps": 2, "skip_steps": 0}, isolate=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(bench.SetupError, match="device='cuda' is not allowed; torch .* sees no GPU"):
+            bench.run_benchmark("gpu", tmp_path, ["full"], isolate=False)
+    assert not any(tmp_path.iterdir()), "nothing is written before the checks pass"
+
+
+def test_cpu_long_model_is_mostly_block_linears_and_runs_thousands_of_steps():
+    opts = SCALES["cpu-long"].options()
+    model = recipe.build_model(opts, None)
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(tuple(PLACEMENTS["gpt2"]["blocks"])))
+    assert blocks / total > 0.85
+    assert opts.max_steps >= 3000 and opts.eval_steps and opts.max_steps // opts.eval_steps >= 10
 
 
 def test_flop_count():
@@ -96,3 +229,48 @@ def test_flop_count():
     # steps 2..4 dense (3 steps), 5..9 factorized (5 steps)
     expected = (3 * (100 + 6 * 64 * 256) + 5 * (100 + 6 * 8 * 320)) / 8
     assert average_flops(changes, 100.0, 2, 10) == pytest.approx(expected)
+    assert total_flops(changes, 100.0, 10, 32) == pytest.approx(32 * (5 * (100 + 6 * 64 * 256) + 5 * (100 + 6 * 8 * 320)))
+
+
+def test_layout_comes_from_the_models_layer_report():
+    from conftest import build
+
+    from hf_lowrank import LowRankConfig, get_lowrank_model
+
+    model = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["mlp.c_fc", "mlp.c_proj"], rank=4))
+    first = next(iter(model.lowrank_layers()))
+    model.lowrank_layers()[first].to_dense()
+    lay = layout(model)
+    assert {n: v[:2] for n, v in lay.items()} == {r["layer"]: [r["mode"], r["rank"]] for r in model.layer_report()}
+    assert lay[first][:2] == ["dense", 32] and lay["transformer.h.0.mlp.c_proj"] == ["factorized", 4, 128, 32]
+
+
+@pytest.mark.slow
+def test_compiled_row_trains_under_torch_compile(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["frames"]["ok"]
+    bench.run_benchmark("cpu", tmp_path, ["full_compiled"], {**TINY, "compile_backend": "eager"}, isolate=False, command="test")
+    assert torch._dynamo.utils.counters["frames"]["ok"] > before, "the row's model ran through dynamo"
+    metrics = read_json(tmp_path / "rows" / "full_compiled" / "metrics.json")
+    assert metrics["compiled"] and metrics["max_steps"] == 2  # a third of the steps
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_one_row_in_its_own_process(tmp_path):
+    args = [f"--set={k}={v}" for k, v in TINY.items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path), "--rows", "full", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[1/1] full rank (lr 0.002): ppl" in proc.stdout
+    assert read_json(tmp_path / "rows" / "full" / "metrics.json")["memory_kind"].startswith("process peak RSS")
+    assert (tmp_path / "report.md").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--out", str(tmp_path), "--rows", "full,nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode != 0 and "--rows='full,nope' is not allowed" in bad.stderr

@@ -1,0 +1,107 @@
+"""A benchmark's ``report.md``: the library's table, targets and plots, then time to quality, FLOPs and the sweep.
+
+    python -m benchmarks.report runs/bench-cpu-long    # regenerate report.md and the plots from the JSON files
+
+``hf_lowrank.report.write_report`` writes the table, the targets and the plots; this module adds
+two sections from the same ``rows/<name>/metrics.json`` files: for each row, the steps, training
+time and FLOPs it took to reach its reference's final perplexity, and its training FLOPs; and,
+after ``--lr-sweep``, every sweep point with the rate each row is reported at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from hf_lowrank.report import load_rows, write_report
+
+QUALITY_COLUMNS = ("row", "lr", "target ppl", "steps to target", "train time to target", "FLOPs to target", "train FLOPs", "train FLOPs / full")
+
+
+def _flops(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def quality_table(rows: list[dict[str, Any]]) -> str:
+    """Per row: steps, training time (evaluation excluded) and FLOPs to its reference's final perplexity ("-": never)."""
+    done = {r["name"]: r for r in rows if "eval_loss" in r}
+    lines = ["| " + " | ".join(QUALITY_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(QUALITY_COLUMNS) - 1)) + "|"]
+    for r in done.values():
+        q = r.get("time_to_quality") or {}
+        ref = done.get(r.get("reference"))
+        reached = q.get("step") is not None
+        cells = [
+            r["label"],
+            f"{r['learning_rate']:g}",
+            f"{q['target_perplexity']:.1f}" if q else "-",
+            f"{q['step']:,} of {r['max_steps']:,}" if reached else "-",
+            f"{q['train_seconds']:,.0f} s" if reached else "-",
+            _flops(q.get("flops")),
+            _flops(r["train_flops"]),
+            f"{r['train_flops'] / ref['train_flops']:.2f}" if ref else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    """Every sweep point of every row (losers too); the rate a row is reported at is marked."""
+    lines = ["| row | lr | eval ppl | reported |", "|---|---:|---:|---|"]
+    for r in rows:
+        for point in r.get("sweep", []):
+            best = point["learning_rate"] == r["learning_rate"]
+            lines.append(f"| {r['label']} | {point['learning_rate']:g} | {point['perplexity']:.1f} | {'best' if best else ''} |")
+    return "\n".join(lines)
+
+
+def plateau(rows: list[dict[str, Any]]) -> str | None:
+    """How much full rank's eval perplexity still fell over the last quarter of its run, or None without evaluations there."""
+    full = next((r for r in rows if r["name"] == "full" and "eval_loss" in r), None)
+    evals = [e for e in (full or {}).get("history", []) if "eval_loss" in e]
+    if not evals:
+        return None
+    quarter = [e for e in evals if e["step"] <= 0.75 * full["max_steps"]]
+    if not quarter:
+        return None
+    start, end = math.exp(quarter[-1]["eval_loss"]), full["perplexity"]
+    return (
+        f"Full rank's eval perplexity went from {start:.1f} at step {quarter[-1]['step']:,} to {end:.1f} at step "
+        f"{full['max_steps']:,} ({end / start - 1:+.1%} over the last quarter of the run)."
+    )
+
+
+def write_benchmark_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` (and the plots) of a benchmark directory; returns its path."""
+    path = write_report(run_dir)
+    rows = load_rows(run_dir)
+    sections = [
+        "## Time to quality and training FLOPs",
+        "",
+        (
+            "Steps, training time (evaluation excluded) and training FLOPs each row needed to reach its reference's "
+            "(full rank's) final eval perplexity, at the evaluation interval's resolution; \"-\" when it never did."
+        ),
+        "",
+        quality_table(rows),
+        "",
+    ]
+    settled = plateau(rows)
+    if settled:
+        sections += [settled, ""]
+    if any(r.get("sweep") for r in rows):
+        sections += ["## Learning-rate sweep", "", "Each row is reported at its rate of lowest eval perplexity.", "", sweep_table(rows), ""]
+    path.write_text(path.read_text() + "\n" + "\n".join(sections))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a benchmark directory (holds rows/)")
+    args = parser.parse_args(argv)
+    print(write_benchmark_report(args.run_dir).read_text())
+
+
+if __name__ == "__main__":
+    main()
