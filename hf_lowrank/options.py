@@ -218,6 +218,14 @@ class RecipeOptions:
             "override one with --lowrank.<field> value or --lowrank.strategy_args.<key> value."
         },
     )
+    save_adapter_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Save final/ adapter-only (the adapters and modules_to_save beside a fingerprint of the base, "
+            "PEFT-sized) instead of the whole model; needs residual mode over a plain transformers folder given as "
+            "model_name_or_path, which LowRankModel.from_pretrained(final) then loads the adapters onto."
+        },
+    )
     compare_full_rank: bool = field(
         default=False,
         metadata={

@@ -174,6 +174,21 @@ def _check_model_path(path: str) -> None:
         fail("model_name_or_path", path, "that folder does not exist; give the final/ folder of a train_clm run or a saved transformers model")
 
 
+def _check_adapter_only(opts: RecipeOptions, model) -> None:
+    """``save_adapter_only`` needs a base on disk the adapters can be loaded onto again."""
+    from .checks import fail
+
+    if not opts.model_name_or_path or _is_lowrank_folder(opts.model_name_or_path):
+        fail(
+            "save_adapter_only", True,
+            "an adapter-only save goes onto a base folder that stays on disk: give model_name_or_path a plain "
+            "transformers folder (for a LowRankModel folder, merge it first: hf-lowrank merge IN OUT)",
+        )
+    modes = {layer.mode for layer in model.lowrank_layers().values()}
+    if modes != {"residual"} or model.lowrank_config.residual_base != "model":
+        fail("save_adapter_only", True, "adapters over frozen pretrained weights need lowrank.mode 'residual' with residual_base 'model'")
+
+
 def check(opts: RecipeOptions) -> None:
     """Validate the recipe against its model before any data or tokenizer is touched.
 
@@ -191,6 +206,8 @@ def check(opts: RecipeOptions) -> None:
         labels = (opts.num_labels or 2) if opts.task == "classification" else None
         model = get_lowrank_model(build_model(opts, None, labels), opts.lowrank_config)
         model.check_run(opts.max_steps)  # schedule points inside the run; warnings come when training binds
+        if opts.save_adapter_only:
+            _check_adapter_only(opts, model)
     except ValueError as e:
         raise RecipeError(f"{opts.source}: {e}") from None
     except OSError as e:  # transformers could not read model_name_or_path
@@ -338,6 +355,9 @@ def train_one(
     metrics = _final_metrics(trainer)
     final_dir = os.path.join(output_dir, "final")
     trainer.save_model(final_dir)
+    adapters = all(layer.mode == "residual" for layer in model.lowrank_layers().values())  # not the dense comparison
+    if opts.save_adapter_only and adapters and trainer.is_world_process_zero():
+        model.save_pretrained(final_dir, adapter_only=True)  # replaces the full weights, keeps tokenizer and state
     args = trainer.args
     steps = trainer.state.global_step
     samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

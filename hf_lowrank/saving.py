@@ -312,8 +312,12 @@ def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str 
         fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
     return new or old
 
-def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str) -> nn.Module:
-    """The base model an adapter-only save names, from its local folder (safetensors only)."""
+def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str, model_config: Any) -> nn.Module:
+    """The base model an adapter-only save names, from its local folder (safetensors only).
+
+    Built with the saved ``config.json`` (``model_config``), so a head the fine-tuning added or
+    resized (a classifier's labels) has the saved shape; its values come from the adapter.
+    """
     name = config.base_model_name_or_path
     where = folder / CONFIG_NAME
     if not name:
@@ -327,7 +331,9 @@ def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_nam
             f"LowRankModel.from_pretrained(folder, base_model={model_class.__name__}.from_pretrained({name!r}))."
         )
     dtype = getattr(torch, dtype_name, None)
-    return model_class.from_pretrained(name, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto")
+    return model_class.from_pretrained(
+        name, config=model_config, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto"
+    )
 
 def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folder: Path, keep_on_failure: bool) -> "LowRankModel":
     """Wrap ``model`` with the saved layout and load the folder's tensors.
@@ -416,7 +422,8 @@ def load(
         model = base_model
     else:
         record = read_json(folder / BASE_FINGERPRINT_NAME)
-        model = _load_base(folder, config, model_class, str(record.get("dtype", "")) if isinstance(record, dict) else "")
+        dtype_name = str(record.get("dtype", "")) if isinstance(record, dict) else ""
+        model = _load_base(folder, config, model_class, dtype_name, model_config)
     _check_rank_pattern(folder / CONFIG_NAME, model, config.rank_pattern)
     wrapped = _wrap_and_load(wrapper, model, config, folder, keep_on_failure=base_model is not None)
     if (folder / "generation_config.json").is_file() and model.can_generate():

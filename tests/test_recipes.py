@@ -4,6 +4,7 @@ import importlib.util
 import json
 import re
 import shlex
+import shutil
 import time
 import types
 from pathlib import Path
@@ -299,3 +300,38 @@ def test_run_clock_counts_training_not_evaluation():
     assert 5.02 < after_training < 5.5
     clock.on_evaluate(None, state, None, metrics={"eval_runtime": 3.0})
     assert clock.seconds == after_training and clock.state() == {"args": {"seconds": after_training}, "attributes": {}}
+
+
+@pytest.mark.slow
+def test_classifier_saves_adapter_only_onto_a_plain_base(tmp_path, monkeypatch):
+    """save_adapter_only: final/ holds the adapters and the head, and loads onto the base folder it names."""
+    from hf_lowrank import LowRankModel
+
+    monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
+    _, clm_run = _smoke(ROOT / "recipes" / "configs" / "gpt2_tiny_full.yaml", tmp_path / "clm")
+    merged = tmp_path / "merged"
+    LowRankModel.from_pretrained(clm_run / "final").merge_and_unload().save_pretrained(merged)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(clm_run / "final" / name, merged / name)
+    config = ROOT / "recipes" / "configs" / "classifier_tiny_residual.yaml"
+    _, run = _smoke(config, tmp_path / "cls", ["--model_name_or_path", str(merged), "--save_adapter_only", "true"])
+    final = run / "final"
+    assert (final / "lowrank_adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert (final / "lowrank_adapter.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 4
+    loaded = LowRankModel.from_pretrained(final)
+    assert type(loaded.base_model).__name__ == "GPT2ForSequenceClassification"
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_save_adapter_only_needs_a_plain_base_and_residual_mode(factorized, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    monkeypatch.setattr(recipe_module, "load_data", lambda opts: pytest.fail("checked before any data"))
+    extra = []
+    if factorized:  # a plain base on disk, but factorized layers are no adapters over it
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path / "plain")
+        extra = ["--lowrank.mode", "factorized", "--model_name_or_path", str(tmp_path / "plain")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(QUICKSTART), *TINY, *INRANK_4_STEPS, "--save_adapter_only", "true", *extra, "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "save_adapter_only=True is not allowed" in capsys.readouterr().err
