@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -40,13 +41,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Once in about 40 launches on the 2-core machine a worker aborted inside the C++ runtime
+# ("terminate called without an active exception", SIGABRT) with no Python error; 24 reruns of
+# the same scenario passed. Such a launch is retried once; any other failure fails the test.
+RUNTIME_ABORT = "terminate called without an active exception"
+
+
 def launch(out: Path, scenario: str) -> list[dict]:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(SCRIPT), str(out), scenario,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    for attempt in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), str(SCRIPT), str(out), scenario,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode == 0 or RUNTIME_ABORT not in proc.stderr or attempt == 1:
+            break
+        warnings.warn(f"torchrun worker aborted in the C++ runtime; launching {scenario!r} once more")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out / f"process-{r}.json").read_text()) for r in range(2)]
 
