@@ -57,7 +57,7 @@ TRANSFORMERS_REFUSAL = (
 )
 
 
-def state_dict_for_save(lowrank, trim: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def state_dict_for_save(lowrank: "LowRankModel", trim: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to save (factors sliced to the active rank when ``trim``) and aliases of tied tensors."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -77,7 +77,8 @@ def state_dict_for_save(lowrank, trim: bool = True) -> tuple[dict[str, torch.Ten
         tensors[name] = tensor
     return tensors, aliases
 
-def _adapter_keys(lowrank) -> set[str]:
+
+def _adapter_keys(lowrank: "LowRankModel") -> set[str]:
     """State-dict keys an adapter-only save holds: the factors, ``modules_to_save`` and every trainable tensor."""
     keys = {n for n, p in lowrank.base_model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for name, layer in lowrank.lowrank_layers().items():
@@ -86,8 +87,9 @@ def _adapter_keys(lowrank) -> set[str]:
     keys.update(k for k in lowrank.base_model.state_dict() if k.startswith(kept))
     return keys
 
+
 def _split_adapter(
-    lowrank, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+    lowrank: "LowRankModel", tensors: dict[str, torch.Tensor], aliases: dict[str, str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
     """The adapter part of a save, and the fingerprints of the frozen rest, which the base must supply on loading."""
 
@@ -118,8 +120,9 @@ def _split_adapter(
     dtype = next((p.dtype for p in lowrank.base_model.parameters() if p.is_floating_point()), torch.float32)
     return saved, saved_aliases, {"dtype": str(dtype).removeprefix("torch."), "tensors": prints}
 
+
 def save(
-    lowrank,
+    lowrank: "LowRankModel",
     save_directory: str | os.PathLike,
     trim: bool = True,
     is_main_process: bool = True,
@@ -177,13 +180,15 @@ def save(
                 if not (tmp / f.name).exists() and not _is_weights_file(f.name):
                     os.replace(f, tmp / f.name)
 
+
 def _is_weights_file(name: str) -> bool:
     """Whether ``name`` is weights this class writes (one file, shards, index, base fingerprints), which a new save replaces."""
     stem = name.split(".", 1)[0].split("-", 1)[0]  # model-00001-of-00002.safetensors -> model
     weights = stem in ("model", "lowrank_adapter") and name.endswith((".safetensors", ".safetensors.index.json"))
     return weights or name == BASE_FINGERPRINT_NAME
 
-def load_weights(lowrank, path: str | os.PathLike) -> None:
+
+def load_weights(lowrank: "LowRankModel", path: str | os.PathLike) -> None:
     """Load saved tensors whose shapes match the current rank pattern, strictly.
 
     ``path`` is a saved folder or its ``model.safetensors`` (a sharded checkpoint is read
@@ -228,7 +233,8 @@ def load_weights(lowrank, path: str | os.PathLike) -> None:
         _check_base(lowrank, folder / BASE_FINGERPRINT_NAME, expected, set(tensors))
     lowrank.base_model.load_state_dict(tensors, strict=not adapter)
 
-def _check_inactive_components(lowrank, tensors: dict[str, torch.Tensor], source: dict[str, Path]) -> None:
+
+def _check_inactive_components(lowrank: "LowRankModel", tensors: dict[str, torch.Tensor], source: dict[str, Path]) -> None:
     """Refuse factors whose ``B`` columns past the active rank are non-zero: the rank pattern was edited.
 
     Only where the strategy keeps that invariant (``zero_inactive``; InRank with the authors'
@@ -247,7 +253,8 @@ def _check_inactive_components(lowrank, tensors: dict[str, torch.Tensor], source
             "a rank, truncate the layer (LowRankLinear.truncate) and save again."
         )
 
-def _check_base(lowrank, path: Path, state: dict[str, torch.Tensor], saved: set[str]) -> None:
+
+def _check_base(lowrank: "LowRankModel", path: Path, state: dict[str, torch.Tensor], saved: set[str]) -> None:
     """Refuse a base whose frozen tensors are not bit for bit those an adapter-only save was made on."""
 
     record = read_json(path)
@@ -282,6 +289,7 @@ def _check_base(lowrank, path: Path, state: dict[str, torch.Tensor], saved: set[
             "or save the model in full (adapter_only=False) when a transition re-based W0."
         )
 
+
 def _check_rank_pattern(path: Path, model: nn.Module, pattern: dict[str, dict[str, Any]]) -> None:
     """Refuse ranks and capacities that do not fit the layers they name, naming the file and the layer."""
     modules = dict(model.named_modules())
@@ -298,6 +306,7 @@ def _check_rank_pattern(path: Path, model: nn.Module, pattern: dict[str, dict[st
                 "(a trimmed save has capacity = rank)."
             )
 
+
 def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``dtype`` (or its old name ``torch_dtype``) as a floating torch dtype, or None."""
 
@@ -311,6 +320,7 @@ def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str 
     if new is not None and old is not None and new != old:
         fail("LowRankModel.from_pretrained.torch_dtype", torch_dtype, f"it is the old name of dtype, given as {dtype}; pass dtype only")
     return new or old
+
 
 def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_name: str, model_config: Any) -> nn.Module:
     """The base model an adapter-only save names, from its local folder (safetensors only).
@@ -335,6 +345,7 @@ def _load_base(folder: Path, config: LowRankConfig, model_class: type, dtype_nam
         name, config=model_config, use_safetensors=True, dtype=dtype if isinstance(dtype, torch.dtype) else "auto"
     )
 
+
 def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folder: Path, keep_on_failure: bool) -> "LowRankModel":
     """Wrap ``model`` with the saved layout and load the folder's tensors.
 
@@ -358,6 +369,7 @@ def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folde
                 p.requires_grad_(flag)
         raise
     return wrapped
+
 
 def load(
     wrapper: type,
