@@ -205,3 +205,18 @@ def test_plain_trainer_runs_the_strategy_through_the_callback(tmp_path):
     assert model.strategy.is_final() and any("stage 2" in h["reason"] for h in model.plan_history)
     opt = optim.inner_optimizer(trainer.optimizer)
     assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(live_trainable(model))
+
+
+def test_the_documented_custom_strategy_runs():
+    """docs/strategies.md's "Your own strategy" example registers, validates and halves ranks in a loop."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    ns: dict = {}
+    exec(re.search(r"## Your own strategy.*?```python\n(.*?)```", text, re.S).group(1), ns)
+    assert REGISTRY["halve_once"] is ns["HalveOnce"]
+    with pytest.raises(ValueError, match=r"strategy_args\.at=2\.0"):
+        LowRankConfig(target_modules=["c_fc"], strategy="halve_once", strategy_args={"at": 2.0})
+    plans, _ = plain_loop(get_lowrank_model(tiny_gpt2(), ns["config"]), 10)
+    assert [s for s, p in plans if p] == [3]
