@@ -192,12 +192,10 @@ class LrAdjust:
 def nonfinite_gradients(optimizer: Any) -> bool:
     """Whether any gradient the optimizer would apply holds NaN or Inf (agreed across processes)."""
     grads = [p.grad for g in inner_optimizer(optimizer).param_groups for p in g["params"] if p.grad is not None]
-    bad = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        local = g.to_local() if hasattr(g, "to_local") else g  # DTensor (FSDP2): this process's shard
-        if not bool(torch.isfinite(local).all()):
-            bad.fill_(1.0)
-            break
+    # DTensor (FSDP2): this process's shard. One flag for all tensors, so one device sync per step.
+    finite = [torch.isfinite(g.to_local() if hasattr(g, "to_local") else g).all() for g in grads]
+    device = finite[0].device if finite else "cpu"
+    bad = (~torch.stack(finite).all()).float() if finite else torch.zeros((), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bool(bad.item() > 0)
