@@ -343,11 +343,13 @@ class LowRankModel(nn.Module):
         if self.strategy.due(step):
             start = time.perf_counter()
             layers = self.lowrank_layers()
+
+            def decide() -> dict[str, Any] | None:
+                plan = self.strategy.step(step, layers)
+                return plan.to_dict() if plan else None
+
             with fsdp.gathered_layers(self):  # FSDP2: the strategy reads full tensors, not shards
-                payload, state = distributed.decide_on_rank0(
-                    lambda: (lambda p: p.to_dict() if p else None)(self.strategy.step(step, layers)),
-                    self.strategy.state_dict,
-                )
+                payload, state = distributed.decide_on_rank0(decide, self.strategy.state_dict)
             if distributed.world()[0] != 0:
                 self.strategy.load_state_dict(state)
             plan = Plan.from_dict(payload) if payload else None

@@ -74,8 +74,7 @@ class LowRankCallback(TrainerCallback):
                 "transformers.Trainer cannot follow under data parallelism (its DDP wrapper keeps the old parameters); "
                 "use hf_lowrank.LowRankTrainer."
             )
-        self.tokens = args.per_device_train_batch_size * 128
-        _bind(lowrank, args, state, optimizer, lr_scheduler, None, self.tokens)
+        _bind(lowrank, args, state, optimizer, lr_scheduler, None, args.per_device_train_batch_size * 128)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         _find_lowrank(model).update_ranks(state.global_step, optimizer, lr_scheduler)
