@@ -226,8 +226,13 @@ def takes_inrank_rank(name: str) -> bool:
     return any(r.name == name and INRANK_RANK in json.dumps(r.lowrank) for r in all_rows())
 
 
-def get_row(name: str, scale: Scale, inrank_rank: float | None = None) -> Row:
-    """The row ``name`` on the scale's placement, with InRank's final rank filled in where it is used."""
+def get_row(name: str, scale: Scale, inrank_rank: float | None = None, ablation: dict[str, Any] | None = None) -> Row:
+    """The row ``name`` on the scale's placement, with InRank's final rank filled in where it is used.
+
+    ``ablation`` (``--lowrank KEY=VALUE``) overrides LowRankConfig settings of every
+    row that is not dense; a dotted key sets one entry of a dict setting
+    (``strategy_args.threshold``). Dense rows are the comparison and never take it.
+    """
     by_name = {r.name: r for r in all_rows()}
     if name not in by_name:
         fail("row", name, f"choose from {', '.join(by_name)}")
@@ -238,11 +243,28 @@ def get_row(name: str, scale: Scale, inrank_rank: float | None = None) -> Row:
         # From scratch, everything but the frozen W0 trains: embeddings, norms, the layers left dense.
         dense = [m for m in PLACEMENTS[opts.architecture]["blocks"] if m not in lowrank["target_modules"]]
         lowrank["modules_to_save"] = NON_BLOCK[opts.architecture] + dense
+    if ablation and row.lowrank.get("mode") != "dense":
+        lowrank = apply_ablation(lowrank, ablation)
     if takes_inrank_rank(name):
         if inrank_rank is None:
             fail("row", name, "it takes InRank's final rank: run the inrank row first or pass --inrank-rank")
         lowrank = _fill(lowrank, inrank_rank)
     return dataclasses.replace(row, lowrank=lowrank)
+
+
+def apply_ablation(lowrank: dict[str, Any], ablation: dict[str, Any]) -> dict[str, Any]:
+    """``lowrank`` with each ``ablation`` setting on top; ``"a.b"`` sets key ``b`` of the dict setting ``a``."""
+    out = dict(lowrank)
+    for key, value in ablation.items():
+        head, dot, tail = key.partition(".")
+        if not dot:
+            out[key] = value
+            continue
+        inner = out.get(head, {})
+        if not isinstance(inner, dict) or not tail or "." in tail:
+            fail("--lowrank " + key, value, f"a dotted key sets one entry of a dict setting such as strategy_args.threshold; {head!r} is {inner!r}")
+        out[head] = {**inner, tail: value}
+    return out
 
 
 def _fill(value: Any, rank: float) -> Any:
@@ -253,13 +275,14 @@ def _fill(value: Any, rank: float) -> Any:
     return value
 
 
-def parse_settings(items: list[str]) -> dict[str, Any]:
+def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
     """``key=value`` strings (values read as JSON when they parse, else as strings)."""
+    example = {"--set": "--set max_steps=50", "--lowrank": "--lowrank init_scale=0.5"}.get(flag, f"{flag} key=value")
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            fail("--set", item, "give key=value, e.g. --set max_steps=50")
+            fail(flag, item, f"give key=value, e.g. {example}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

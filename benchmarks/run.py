@@ -133,7 +133,7 @@ def annotate_quality(out: Path) -> None:
 
 def _run_one(
     name: str, scale_name: str, settings: dict[str, Any], scale: Scale, row_dir: Path, order: int,
-    rate: float | None, inrank_rank: float | None, isolate: bool,
+    rate: float | None, inrank_rank: float | None, isolate: bool, ablation: dict[str, Any],
 ) -> int:
     """Train one row (at one sweep rate) into ``row_dir``; returns the exit status."""
     from benchmarks.run_row import run_row
@@ -141,10 +141,11 @@ def _run_one(
     for filename in ROW_FILES:
         (row_dir / filename).unlink(missing_ok=True)
     if not isolate:
-        run_row(get_row(name, scale, inrank_rank), scale, row_dir, order, {} if rate is None else {"learning_rate": rate})
+        run_row(get_row(name, scale, inrank_rank, ablation), scale, row_dir, order, {} if rate is None else {"learning_rate": rate})
         return 0
     cmd = [sys.executable, "-m", "benchmarks.run_row", "--out", str(row_dir), "--row", name, "--scale", scale_name, "--order", str(order)]
     cmd += [f"--set={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
+    cmd += [f"--lowrank={k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in ablation.items()]
     cmd += [] if rate is None else ["--learning-rate", repr(rate)]
     cmd += [] if inrank_rank is None else ["--inrank-rank", repr(inrank_rank)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -172,9 +173,11 @@ def run_benchmark(
     isolate: bool = True,
     command: str | None = None,
     rates: list[float] | None = None,
+    ablation: dict[str, Any] | None = None,
 ) -> Path:
     """Run ``rows`` (each in a fresh process unless ``isolate`` is False), at each of ``rates`` if given; write the report.
 
+    ``ablation`` overrides LowRankConfig settings of every low-rank row (see ``get_row``).
     Returns the path of ``report.md``. In-process rows share one process, so a row's peak
     memory can include what earlier rows left allocated; use it for smoke runs only.
     """
@@ -183,14 +186,14 @@ def run_benchmark(
     from benchmarks.report import write_benchmark_report
     from hf_lowrank.recipe import check, load_data
 
-    settings = settings or {}
+    settings, ablation = settings or {}, ablation or {}
     try:  # every setting, and each row's layers, ranks and schedule against the model, before any data is read
         scale = SCALES[scale_name].replace(**settings)
         if scale.device == "cuda" and not torch.cuda.is_available():
             fail("device", "cuda", f"torch {torch.__version__} sees no GPU here; use --scale cpu or --set device=cpu")
         rows = check_rows(rows)
         for name in rows:
-            row = get_row(name, scale, inrank_rank or PREFLIGHT_RANK)
+            row = get_row(name, scale, inrank_rank or PREFLIGHT_RANK, ablation)
             if takes_inrank_rank(name) and inrank_rank is None and "inrank" not in rows and rank_fraction(out / "rows" / "inrank") is None:
                 fail("--rows", ",".join(rows), f"row {name!r} takes InRank's final rank: add inrank, or pass --inrank-rank")
             check(scale.options(lowrank=row.lowrank, max_steps=row_steps(row, scale.options().max_steps)))
@@ -207,6 +210,7 @@ def run_benchmark(
         "settings": scale.to_dict(),
         "rows": rows,
         "lr_sweep": rates,
+        "ablation": ablation,
     }
     write_json(out / "benchmark.json", meta)
     t = time.perf_counter()
@@ -222,7 +226,7 @@ def run_benchmark(
         for rate in rates or [None]:
             run_dir = row_dir if rate is None else out / "sweep" / name / f"lr-{rate:g}"
             t = time.perf_counter()
-            status = _run_one(name, scale_name, settings, scale, run_dir, order, rate, rank, isolate)
+            status = _run_one(name, scale_name, settings, scale, run_dir, order, rate, rank, isolate, ablation)
             seconds = time.perf_counter() - t
             label = name if rate is None else f"{name} (lr {rate:g})"
             if status != 0 or not (run_dir / "metrics.json").is_file():
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="benchmark directory (default runs/bench-<scale>)")
     parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(row_names())} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")
+    parser.add_argument("--lowrank", action="append", default=[], metavar="KEY=VALUE", help="ablation: a LowRankConfig setting of every low-rank row, e.g. init_scale=0.5 or strategy_args.threshold=0.95")
     parser.add_argument("--lr-sweep", default=None, metavar="LR,LR,...", help="run each row at each rate and report it at its best")
     parser.add_argument("--inrank-rank", type=float, default=None, help="rank fraction for fixed/spectral/warm_start/dynamic (default: InRank's final)")
     parser.add_argument("--in-process", action="store_true", help="run rows in this process (smoke runs; peak memory then mixes rows)")
@@ -272,11 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or f"runs/bench-{args.scale}")
     try:
         settings = parse_settings(args.set)
+        ablation = parse_settings(args.lowrank, "--lowrank")
         rates = parse_rates(args.lr_sweep) if args.lr_sweep else None
     except ValueError as e:
         raise SystemExit(f"benchmarks.run: {e}") from None
     try:
-        report = run_benchmark(args.scale, out, rows, settings, args.inrank_rank, isolate=not args.in_process, rates=rates)
+        report = run_benchmark(args.scale, out, rows, settings, args.inrank_rank, isolate=not args.in_process, rates=rates, ablation=ablation)
     except SetupError as e:
         raise SystemExit(f"benchmarks.run: {e}") from None
     print()

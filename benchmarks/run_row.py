@@ -239,13 +239,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row", required=True, help="row name (see benchmarks/config.py)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting")
+    parser.add_argument("--lowrank", action="append", default=[], metavar="KEY=VALUE", help="ablation: a LowRankConfig setting of every low-rank row")
     parser.add_argument("--learning-rate", type=float, default=None, help="this row's learning rate (a sweep point)")
     parser.add_argument("--inrank-rank", type=float, default=None, help="InRank's final rank fraction, for the rows that take it")
     parser.add_argument("--order", type=int, default=0, help="position of the row in the table")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale].replace(**parse_settings(args.set))
     overrides = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
-    run_row(get_row(args.row, scale, args.inrank_rank), scale, Path(args.out), args.order, overrides)
+    run_row(get_row(args.row, scale, args.inrank_rank, parse_settings(args.lowrank, "--lowrank")), scale, Path(args.out), args.order, overrides)
 
 
 if __name__ == "__main__":

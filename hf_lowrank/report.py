@@ -394,6 +394,8 @@ def benchmark_markdown(run_dir: Path, meta: dict[str, Any], rows: list[dict[str,
     settings = meta.get("settings")
     if settings:
         lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    if meta.get("ablation"):
+        lines.append("- ablation (every low-rank row): " + ", ".join(f"{k}={v}" for k, v in meta["ablation"].items()))
     lines += ["", table(rows), ""]
     notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
     if notes:

@@ -171,6 +171,21 @@ def test_rows_and_placements():
     assert get_row("full_compiled", scale).compiled and not get_row("full", scale).compiled
 
 
+def test_ablation_overrides_every_low_rank_row_and_never_the_dense_one():
+    scale = SCALES["cpu-long"]
+    ablation = parse_settings(["init_scale=0.5", "strategy_args.threshold=0.95"], "--lowrank")
+    assert ablation == {"init_scale": 0.5, "strategy_args.threshold": 0.95}
+    inrank = get_row("inrank", scale, ablation=ablation).lowrank
+    assert inrank["init_scale"] == 0.5 and inrank["strategy_args"] == {"threshold": 0.95}
+    dynamic = get_row("dynamic", scale, 0.2, ablation).lowrank
+    assert dynamic["strategy_args"] == {"rank": 0.2, "threshold": 0.95}, "a dotted key adds to the row's own dict"
+    assert "init_scale" not in get_row("full", scale, ablation=ablation).lowrank, "the comparison stays as it is"
+    with pytest.raises(ValueError, match="--lowrank strategy.x"):
+        get_row("inrank", scale, ablation={"strategy.x": 1})
+    with pytest.raises(ValueError, match="--lowrank='init_scale'.*--lowrank init_scale=0.5"):
+        parse_settings(["init_scale"], "--lowrank")
+
+
 def test_scales_are_recipe_overrides_and_bad_settings_fail_early():
     assert set(SCALES) == {"cpu", "cpu-long", "gpu"}
     assert all(s.targets == "blocks" for s in SCALES.values())
