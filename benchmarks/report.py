@@ -1,6 +1,7 @@
 """A benchmark's ``report.md``: the library's table, targets and plots, then time to quality, FLOPs and the sweep.
 
     python -m benchmarks.report runs/bench-cpu-long    # regenerate report.md and the plots from the JSON files
+    python -m benchmarks.report --ablations runs/abl-* --reference runs/bench-cpu-long   # one table of many runs
 
 ``hf_lowrank.report.write_report`` writes the table, the targets and the plots; this module adds
 two sections from the same ``rows/<name>/metrics.json`` files: for each row, the steps, training
@@ -15,7 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from hf_lowrank.report import load_rows, write_report
+from hf_lowrank.files import read_json
+from hf_lowrank.report import final_ranks, load_rows, placement_params, write_report
 
 QUALITY_COLUMNS = ("row", "lr", "target ppl", "steps to target", "train time to target", "FLOPs to target", "train FLOPs", "train FLOPs / full")
 
@@ -96,11 +98,61 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     return path
 
 
+ABLATION_COLUMNS = (
+    "run", "row", "placement", "ablation", "lr", "eval ppl", "ppl / full", "low-rank layers' params / dense",
+    "trainable", "tokens/s", "final ranks",
+)
+
+
+def ablation_table(run_dirs: list[str | Path], reference: str | Path) -> str:
+    """Every row of every benchmark directory in ``run_dirs`` (losers too), one line each.
+
+    Perplexity and parameter ratios are against the full-rank row of ``reference`` (a benchmark
+    directory at the same scale and placement). Tokens/s stay absolute: runs made at different
+    times, or two at once, do not give speed ratios; the side-by-side table of one run does.
+    """
+    ref_rows = {r["name"]: r for r in load_rows(reference)}
+    if "full" not in ref_rows:
+        raise FileNotFoundError(f"{reference}: no rows/full/metrics.json to take ratios against")
+    full = ref_rows["full"]
+    lines = ["| " + " | ".join(ABLATION_COLUMNS) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6 + ["---"]) + "|"]
+    for run_dir in run_dirs:
+        meta = read_json(Path(run_dir, "benchmark.json"))
+        ablation = ", ".join(f"{k}={v}" for k, v in (meta.get("ablation") or {}).items()) or "-"
+        for r in load_rows(run_dir):
+            if "eval_loss" not in r:
+                continue
+            cells = [
+                Path(run_dir).name,
+                r["label"],
+                r.get("scale", {}).get("targets", "?"),
+                "-" if r["name"] == "full" else ablation,
+                f"{r['learning_rate']:g}",
+                f"{r['perplexity']:.1f}",
+                f"{r['perplexity'] / full['perplexity']:.3f}",
+                f"{(placement_params(r) or math.nan) / (placement_params(full) or math.nan):.2f}",
+                f"{r['trainable_params']:,}",
+                f"{r['tokens_per_second']:,.0f}",
+                final_ranks(r),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a benchmark directory (holds rows/)")
+    parser.add_argument("run_dir", nargs="*", help="a benchmark directory (holds rows/)")
+    parser.add_argument("--ablations", nargs="+", default=None, metavar="DIR", help="print one table of every row of these directories")
+    parser.add_argument("--reference", default=None, metavar="DIR", help="with --ablations: the directory whose full-rank row ratios are taken against")
     args = parser.parse_args(argv)
-    print(write_benchmark_report(args.run_dir).read_text())
+    if args.ablations:
+        if not args.reference:
+            parser.error("--ablations needs --reference DIR (a benchmark directory with a full-rank row)")
+        print(ablation_table(args.ablations, args.reference))
+        return
+    if len(args.run_dir) != 1:
+        parser.error("give one benchmark directory (or --ablations DIR ... --reference DIR)")
+    print(write_benchmark_report(args.run_dir[0]).read_text())
 
 
 if __name__ == "__main__":

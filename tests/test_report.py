@@ -38,7 +38,7 @@ def _row(folder, name, label, order, ppl, tps, trainable, layers_by_step, refere
         "peak_memory_bytes": 600 * 2**20, "memory_kind": "process peak RSS during training",
         "flops_per_token_run": flops or 1e6, "flops_per_token_final": flops or 1e6, "flops_per_token_dense": 1e6,
         "plans": [{"step": 4, "reason": "stage 2", "lr_factor": 1.0, "layers_changed": 4}] if decision else [],
-        "lowrank_config": {"strategy": name},
+        "lowrank_config": {"strategy": name}, "learning_rate": 2e-3, "scale": {"targets": "mlp"},
     }
     (d / "metrics.json").write_text(json.dumps(metrics))
 
@@ -68,10 +68,11 @@ def test_write_report_table_targets_and_plots(bench_dir):
     inrank = next(line for line in text.splitlines() if line.startswith("| InRank"))
     cells = [c.strip() for c in inrank.strip("|").split("|")]
     assert cells[2] == "1.010" and cells[4] == "1.40x" and cells[5] == "1.67x" and cells[10] == "0.50"
-    assert cells[12] == "8 of 64" and cells[13] == "1.00%"  # final ranks of the low-rank layers, rank decisions
+    assert cells[11] == "0.16"  # 8 * (64 + 256) of 64 * 256 weights in each low-rank layer
+    assert cells[13] == "8 of 64" and cells[14] == "1.00%"  # final ranks of the low-rank layers, rank decisions
     assert "not run: galore-torch is not installed" in text
-    assert "**met**: InRank perplexity within 2% of full rank" in text
-    assert "**met**: InRank tokens/s >= 1.3x full rank" in text
+    assert "**met**: InRank within 2% of full rank's perplexity at <= 0.5x the low-rank layers' parameters: 1.010x (101.0) at 0.16x" in text
+    assert "**met**: best low-rank row (InRank) within 2% of full rank at <= 0.5x" in text
     assert "**met**: InRank better than the fixed-rank control" in text
     assert "**missed**: InRank: measured speedup 1.40x is 84% of" not in text
     for name in ("eval_loss.png", "ranks.png", "final_ranks.png"):
@@ -152,3 +153,20 @@ def test_speed_warning_only_when_the_ratios_disagree():
     assert speed_warning({"tokens_per_second_ratio": 1.1, "step_speedup": 1.05}) is None
     assert "disagree" in speed_warning({"tokens_per_second_ratio": 0.5, "step_speedup": 1.05})
     assert speed_warning({"tokens_per_second_ratio": 1.1}) is None
+
+
+def test_ablation_table_lists_every_row_of_every_run_against_one_reference(bench_dir, tmp_path):
+    from benchmarks.report import ABLATION_COLUMNS, ablation_table
+
+    meta = json.loads((bench_dir / "benchmark.json").read_text())
+    (bench_dir / "benchmark.json").write_text(json.dumps({**meta, "ablation": {"init_scale": 0.5}}))
+    lines = ablation_table([bench_dir], bench_dir).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == list(ABLATION_COLUMNS)
+    rows = {cells[1]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"full rank", "InRank", "fixed rank (control)"}, "every finished row, losers too; skipped rows have no result"
+    assert rows["InRank"][3] == "init_scale=0.5" and rows["full rank"][3] == "-", "the dense comparison never takes an ablation"
+    assert rows["fixed rank (control)"][6] == "1.050" and rows["InRank"][7] == "0.16"
+    other = tmp_path / "without_full"
+    (other / "rows").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no rows/full/metrics.json"):
+        ablation_table([bench_dir], other)
