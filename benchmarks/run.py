@@ -252,6 +252,50 @@ def run_benchmark(
     return report
 
 
+def merge_runs(out: Path, parts: list[Path]) -> Path:
+    """One benchmark directory from ``parts`` run apart (two processes at once, or two machines).
+
+    The parts must share the scale, its settings and the ablation, and hold different rows;
+    rows and sweep points are copied, their order is the table's, the time to quality is taken
+    again against the merged full-rank row, and ``report.md`` is written. Returns its path.
+    """
+    from benchmarks.report import write_benchmark_report
+
+    metas = [read_json(p / "benchmark.json") for p in parts]
+    for key in ("scale", "settings", "ablation", "lr_sweep"):
+        values = [m.get(key) for m in metas]
+        if any(v != values[0] for v in values):
+            fail("--merge", [str(p) for p in parts], f"the parts differ in {key} ({values}); merge runs of one benchmark only")
+    seen: dict[str, Path] = {}
+    for part in parts:
+        for row in sorted(p.name for p in (part / "rows").iterdir() if (p / "metrics.json").is_file()):
+            if row in seen:
+                fail("--merge", [str(p) for p in parts], f"row {row!r} is in both {seen[row]} and {part}; keep it in one part")
+            seen[row] = part
+    if out.exists():
+        fail("--out", str(out), "give a new directory for the merged benchmark")
+    order = row_names()
+    for row, part in seen.items():
+        shutil.copytree(part / "rows" / row, out / "rows" / row)
+        if (part / "sweep" / row).is_dir():
+            shutil.copytree(part / "sweep" / row, out / "sweep" / row)
+        metrics = read_json(out / "rows" / row / "metrics.json")
+        metrics["order"] = order.index(row) if row in order else len(order)
+        write_json(out / "rows" / row / "metrics.json", metrics)
+    meta = {
+        **metas[0],
+        "command": " ; ".join(m["command"] for m in metas),
+        "merged from": [str(p) for p in parts],
+        "rows": sorted(seen, key=lambda r: order.index(r) if r in order else len(order)),
+        "load average at start": " | ".join(m.get("load average at start", "?") for m in metas),
+        "load average at end": " | ".join(m.get("load average at end", "?") for m in metas),
+        "runtime": " + ".join(m.get("runtime", "?") for m in metas) + " (parts)",
+    }
+    write_json(out / "benchmark.json", meta)
+    annotate_quality(out)
+    return write_benchmark_report(out)
+
+
 def _keep_best(runs: list[tuple[dict[str, Any], Path]], row_dir: Path) -> None:
     """Copy the sweep point of lowest eval perplexity to ``row_dir``, with every point's result in its metrics."""
     best_metrics, best_dir = min(runs, key=lambda run: run[0]["perplexity"])
@@ -271,8 +315,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lowrank", action="append", default=[], metavar="KEY=VALUE", help="ablation: a LowRankConfig setting of every low-rank row, e.g. init_scale=0.5 or strategy_args.threshold=0.95")
     parser.add_argument("--lr-sweep", default=None, metavar="LR,LR,...", help="run each row at each rate and report it at its best")
     parser.add_argument("--inrank-rank", type=float, default=None, help="rank fraction for fixed/spectral/warm_start/dynamic (default: InRank's final)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="merge benchmark directories of one benchmark run apart into --out, then report")
     parser.add_argument("--in-process", action="store_true", help="run rows in this process (smoke runs; peak memory then mixes rows)")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.out:
+            raise SystemExit("benchmarks.run: --merge needs --out NEW_DIR")
+        try:
+            report = merge_runs(Path(args.out), [Path(p) for p in args.merge])
+        except ValueError as e:
+            raise SystemExit(f"benchmarks.run: {e}") from None
+        print(report.read_text())
+        return
     rows = [r for r in (args.rows or ",".join(row_names())).split(",") if r]
     out = Path(args.out or f"runs/bench-{args.scale}")
     try:

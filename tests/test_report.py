@@ -38,7 +38,8 @@ def _row(folder, name, label, order, ppl, tps, trainable, layers_by_step, refere
         "peak_memory_bytes": 600 * 2**20, "memory_kind": "process peak RSS during training",
         "flops_per_token_run": flops or 1e6, "flops_per_token_final": flops or 1e6, "flops_per_token_dense": 1e6,
         "plans": [{"step": 4, "reason": "stage 2", "lr_factor": 1.0, "layers_changed": 4}] if decision else [],
-        "lowrank_config": {"strategy": name}, "learning_rate": 2e-3, "scale": {"targets": "mlp"},
+        "lowrank_config": {"strategy": name}, "learning_rate": 2e-3, "scale": {"targets": "mlp"}, "max_steps": 8,
+        "train_flops": 8 * 512 * (flops or 1e6),
     }
     (d / "metrics.json").write_text(json.dumps(metrics))
 
@@ -170,3 +171,27 @@ def test_ablation_table_lists_every_row_of_every_run_against_one_reference(bench
     (other / "rows").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no rows/full/metrics.json"):
         ablation_table([bench_dir], other)
+
+
+def test_merge_runs_one_table_from_parts_run_apart(tmp_path):
+    from benchmarks.run import merge_runs
+
+    dense = {n: ["dense", 64] for n in MLP}
+    low = {n: ["factorized", 8] for n in MLP}
+    meta = {"scale": "cpu-long", "settings": {"max_steps": 8}, "command": "part", "runtime": "1.0 min"}
+    a, b = tmp_path / "a", tmp_path / "b"
+    _row(a, "full", "full rank", 0, 100.0, 1000.0, 4000, [(0, dense), (2, dense), (4, dense)])
+    _row(b, "inrank", "InRank", 0, 101.0, 1400.0, 2000, [(0, low), (2, low), (4, low)], decision=1.0)
+    for part in (a, b):
+        (part / "benchmark.json").write_text(json.dumps(meta))
+    text = merge_runs(tmp_path / "merged", [a, b]).read_text()
+    assert "| InRank | 101.0 | 1.010 |" in text, "ratios are taken against the other part's full-rank row"
+    assert "1.0 min + 1.0 min (parts)" in text
+    with pytest.raises(ValueError, match="give a new directory"):
+        merge_runs(tmp_path / "merged", [a, b])
+    with pytest.raises(ValueError, match="row 'full' is in both"):
+        merge_runs(tmp_path / "again", [a, a])
+    (b / "benchmark.json").write_text(json.dumps({**meta, "settings": {"max_steps": 9}}))
+    with pytest.raises(ValueError, match="the parts differ in settings"):
+        merge_runs(tmp_path / "again", [a, b])
+    assert not (tmp_path / "again").exists(), "a refused merge writes nothing"
