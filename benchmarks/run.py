@@ -262,7 +262,7 @@ def merge_runs(out: Path, parts: list[Path]) -> Path:
     from benchmarks.report import write_benchmark_report
 
     metas = [read_json(p / "benchmark.json") for p in parts]
-    for key in ("scale", "settings", "ablation", "lr_sweep"):
+    for key in ("scale", "settings", "ablation"):  # parts may sweep different rates: each row reports its own
         values = [m.get(key) for m in metas]
         if any(v != values[0] for v in values):
             fail("--merge", [str(p) for p in parts], f"the parts differ in {key} ({values}); merge runs of one benchmark only")
