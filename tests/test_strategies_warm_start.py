@@ -41,7 +41,7 @@ def test_switches_once_at_exactly_the_configured_step(dense_steps, switch):
     found = plans(model, range(1, 51))
     assert list(found) == [switch]
     plan = found[switch]
-    assert plan.lr_factor == 0.5 and plan.rewarm_steps == 0
+    assert plan.lr_factor == 1.0 and plan.rewarm_steps == 0, "the schedule goes on unchanged by default"
     assert [(c.op, c.rank, c.capacity, c.ones) for c in plan.changes] == [("to_factorized", 16, 16, False)] * 4
     assert model.strategy.is_final()
 

@@ -20,7 +20,7 @@ class WarmStartArgs(StrategyArgs):
     """Warm-start settings. The rank is ``LowRankConfig.rank`` (and ``capacity``)."""
 
     dense_steps: Union[float, int] = 0.1  # dense phase: fraction of training (float) or optimizer steps (int); the paper gives no number, our choice
-    lr_factor: float = 0.5  # learning-rate multiplier at the switch: "go on with the learning rate halved" (the paper)
+    lr_factor: float = 1.0  # learning-rate multiplier at the switch; the paper halves it (0.5), which measured worse (docs/methods.md)
     spectral_ones: bool = False  # split with the singular values set to 1 (spectral-ones) instead of the balanced SVD
 
     def check(self) -> None:
