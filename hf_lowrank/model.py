@@ -114,6 +114,7 @@ class LowRankModel(nn.Module):
         self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
         self._bound = False
         self._frobenius_hooked: set[int] = set()
+        self._preconditioned: set[int] = set()
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
         self._freeze_for_adapters()
@@ -237,7 +238,7 @@ class LowRankModel(nn.Module):
         if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
             raise RuntimeError(
                 f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
-                f"{self.lowrank_config.frobenius_decay}) acts during training, but nothing drives it: train with "
+                f"{self.lowrank_config.frobenius_decay}, precondition={self.lowrank_config.precondition}) acts during training, but nothing drives it: train with "
                 "hf_lowrank.LowRankTrainer, add hf_lowrank.LowRankCallback() to a transformers.Trainer, or in your own "
                 "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
                 "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
@@ -246,7 +247,8 @@ class LowRankModel(nn.Module):
 
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
-        return not self.strategy.is_final() or self.lowrank_config.frobenius_decay > 0
+        c = self.lowrank_config
+        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -307,6 +309,22 @@ class LowRankModel(nn.Module):
             raise ValueError(
                 f"LowRankConfig.frobenius_decay={c.frobenius_decay} needs the optimizer: call "
                 "bind_training(max_steps, optimizer, lr_scheduler) so the decay is applied at every step."
+            )
+        if c.precondition and optimizer is not None:
+            inner = optim.inner_optimizer(optimizer)
+            sharded = [n for n, p in self.named_parameters() if optim.is_factor(n) and type(p).__name__ == "DTensor"]
+            if sharded:
+                raise ValueError(
+                    f"LowRankConfig.precondition=True needs whole factor gradients, but {sharded[0]} is an FSDP shard; "
+                    "set precondition=False under FSDP (DDP and single-process runs support it)."
+                )
+            if id(inner) not in self._preconditioned:
+                optim.add_preconditioner(inner, self.lowrank_layers)
+                self._preconditioned.add(id(inner))
+        elif c.precondition:
+            raise ValueError(
+                "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
+                "so the factor gradients are preconditioned at every step."
             )
         if optimizer is not None and c.factor_lr_scale != 1.0 and not any(
             g.get("lowrank_factors") for g in optim.inner_optimizer(optimizer).param_groups

@@ -4,6 +4,7 @@
   factors A and B in groups of their own (``lowrank_factors=True``, lr times
   ``factor_lr_scale``); :func:`split_factor_groups` does the same to an existing optimizer.
 - :func:`add_frobenius_decay`: the gradient of ``(lambda/2) ||B A||_F^2`` before each step.
+- :func:`add_preconditioner`: scaled gradient descent on factor pairs before each step.
 - :func:`regroup`: after a plan replaced parameters, point the optimizer at the model's
   current ones, keeping the state of survivors.
 - :class:`LrAdjust`: a plan's learning-rate factor and re-warm ramp on top of any schedule.
@@ -106,6 +107,45 @@ def add_frobenius_decay(optimizer: Any, layers: Callable[[], dict[str, LowRankLi
             k = layer.rank
             layer.B.grad[:, :k].add_(B @ (A @ A.T), alpha=lam)
             layer.A.grad[:k].add_((B.T @ B) @ A, alpha=lam)
+
+    return inner_optimizer(optimizer).register_step_pre_hook(hook)
+
+
+PRECONDITION_DAMPING = 1e-6  # added to each Gram matrix over its mean diagonal: keeps zero (inactive) columns finite
+
+
+def precondition_factors(layer: LowRankLinear) -> None:
+    """Replace ``grad_B`` by ``grad_B (A A^T)^-1`` and ``grad_A`` by ``(B^T B)^-1 grad_A`` over the active components.
+
+    Each Gram matrix is divided by its mean diagonal and damped by ``PRECONDITION_DAMPING``,
+    so the step changes direction, not overall size. A factor that is all zero (a fresh
+    residual adapter's ``B``) leaves the other factor's gradient as it is.
+    """
+    k = layer.rank
+    B, A = layer.B[:, :k].float(), layer.A[:k].float()
+    eye = torch.eye(k, device=A.device, dtype=torch.float32)
+    for grad, gram, left in ((layer.B.grad, A @ A.T, False), (layer.A.grad, B.T @ B, True)):
+        scale = gram.diagonal().mean()
+        if not torch.isfinite(scale) or scale <= 0:
+            continue
+        g = grad[:k] if left else grad[:, :k]
+        system = gram / scale + PRECONDITION_DAMPING * eye
+        solved = torch.linalg.solve(system, g.float()) if left else torch.linalg.solve(system, g.float().T).T
+        g.copy_(solved.to(g.dtype))
+
+
+def add_preconditioner(optimizer: Any, layers: Callable[[], dict[str, LowRankLinear]]):
+    """Precondition every factorized or residual layer's factor gradients before each optimizer step.
+
+    ``layers`` is called at every step (modes and ranks change during training). Returns the
+    hook's removable handle. Gradients must be whole tensors (not FSDP shards).
+    """
+
+    @torch.no_grad()
+    def hook(opt, args, kwargs) -> None:
+        for layer in layers().values():
+            if layer.mode != "dense" and layer.A.grad is not None and layer.B.grad is not None:
+                precondition_factors(layer)
 
     return inner_optimizer(optimizer).register_step_pre_hook(hook)
 

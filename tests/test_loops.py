@@ -220,3 +220,52 @@ def test_the_documented_custom_strategy_runs():
         LowRankConfig(target_modules=["c_fc"], strategy="halve_once", strategy_args={"at": 2.0})
     plans, _ = plain_loop(get_lowrank_model(tiny_gpt2(), ns["config"]), 10)
     assert [s for s, p in plans if p] == [3]
+
+
+def test_preconditioned_factors_move_the_product_along_the_dense_gradient():
+    """ScaledGD: with grad_B (A A^T)^-1 and (B^T B)^-1 grad_A, a small step moves W = B A by
+    -lr (G P_row + P_col G), the dense gradient projected on the factors' spaces, however
+    unbalanced B and A are; zero components (a fresh adapter, InRank's buffer) stay finite."""
+    from hf_lowrank.layer import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear(torch.nn.Linear(12, 10))
+    layer.init_factorized(rank=4, init="kaiming")
+    with torch.no_grad():
+        layer.B.mul_(10.0)  # badly balanced: plain gradients would move B A mostly through A
+        layer.A.mul_(0.1)
+    x = torch.randn(32, 12)
+    layer(x).pow(2).sum().backward()
+    B, A = layer.B.detach().clone(), layer.A.detach().clone()
+    W = B @ A
+    G = (2 * (x @ W.T + layer.bias.detach())).T @ x  # dL/dW of sum((x W^T + b)^2)
+    optim.precondition_factors(layer)
+    lr = 1e-4
+    moved = (B - lr * layer.B.grad) @ (A - lr * layer.A.grad) - W
+    p_row = A.T @ torch.linalg.solve(A @ A.T, A)
+    p_col = B @ torch.linalg.solve(B.T @ B, B.T)
+    na, nb = (A @ A.T).diagonal().mean(), (B.T @ B).diagonal().mean()
+    expected = -lr * (na * G @ p_row + nb * p_col @ G)  # each Gram matrix was divided by its mean diagonal
+    assert torch.allclose(moved, expected, rtol=2e-2, atol=1e-3 * expected.abs().max().item())
+
+    adapter = LowRankLinear(torch.nn.Linear(12, 10))
+    adapter.to_residual(rank=4)  # B = 0: B^T B is zero
+    adapter(x).pow(2).sum().backward()
+    grad_b = adapter.B.grad.clone()
+    optim.precondition_factors(adapter)
+    assert torch.isfinite(adapter.B.grad).all() and torch.isfinite(adapter.A.grad).all()
+    assert not torch.equal(adapter.B.grad, grad_b) or grad_b.abs().sum() == 0
+
+
+def test_precondition_trains_in_a_plain_loop_and_needs_the_optimizer():
+    config = LowRankConfig(**INRANK, precondition=True)
+    with pytest.raises(ValueError, match="precondition=True needs the optimizer"):
+        get_lowrank_model(tiny_gpt2(), config).bind_training(10)
+    model = get_lowrank_model(tiny_gpt2(), config)
+    with pytest.raises(RuntimeError, match="precondition=True. acts during training"):
+        model.train()(**next(iter(batches(1))))
+    plans, losses = plain_loop(model, 10)
+    assert any(p for _, p in plans), "InRank grew and truncated with preconditioned factors"
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="LowRankConfig.precondition='yes'"):
+        LowRankConfig(target_modules=["c_fc"], precondition="yes")
