@@ -135,7 +135,7 @@ class LowRankConfig:
             "grad_B becomes grad_B (A A^T)^-1 and grad_A becomes (B^T B)^-1 grad_A, each Gram matrix divided by "
             "its mean diagonal, so that the product W = B A moves along the dense gradient's projection whatever "
             "the factors' balance; the optimizer (AdamW) then steps on the preconditioned gradients. Costs "
-            "O((in + out) r^2 + r^3) per layer and step. Single-process and DDP; refused under FSDP."
+            "O((in + out) r^2 + r^3) per layer and step; under FSDP2 the factors are gathered for it."
         },
     )
     factor_lr_scale: float = field(

@@ -312,12 +312,6 @@ class LowRankModel(nn.Module):
             )
         if c.precondition and optimizer is not None:
             inner = optim.inner_optimizer(optimizer)
-            sharded = [n for n, p in self.named_parameters() if optim.is_factor(n) and type(p).__name__ == "DTensor"]
-            if sharded:
-                raise ValueError(
-                    f"LowRankConfig.precondition=True needs whole factor gradients, but {sharded[0]} is an FSDP shard; "
-                    "set precondition=False under FSDP (DDP and single-process runs support it)."
-                )
             if id(inner) not in self._preconditioned:
                 optim.add_preconditioner(inner, self.lowrank_layers)
                 self._preconditioned.add(id(inner))

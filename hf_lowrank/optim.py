@@ -114,31 +114,48 @@ def add_frobenius_decay(optimizer: Any, layers: Callable[[], dict[str, LowRankLi
 PRECONDITION_DAMPING = 1e-6  # added to each Gram matrix over its mean diagonal: keeps zero (inactive) columns finite
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; gathers), or ``t`` itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _write_back(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Store ``whole`` into ``target``: in place, or this process's shard of it for a DTensor."""
+    if whole is target:
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    target.to_local().copy_(distribute_tensor(whole, target.device_mesh, target.placements).to_local())
+
+
 def precondition_factors(layer: LowRankLinear) -> None:
     """Replace ``grad_B`` by ``grad_B (A A^T)^-1`` and ``grad_A`` by ``(B^T B)^-1 grad_A`` over the active components.
 
     Each Gram matrix is divided by its mean diagonal and damped by ``PRECONDITION_DAMPING``,
     so the step changes direction, not overall size. A factor that is all zero (a fresh
-    residual adapter's ``B``) leaves the other factor's gradient as it is.
+    residual adapter's ``B``) leaves the other factor's gradient as it is. FSDP2 shards are
+    gathered, preconditioned whole (the same on every process) and written back as shards.
     """
     k = layer.rank
-    B, A = layer.B[:, :k].float(), layer.A[:k].float()
+    B, A = _whole(layer.B)[:, :k].float(), _whole(layer.A)[:k].float()
     eye = torch.eye(k, device=A.device, dtype=torch.float32)
     for grad, gram, left in ((layer.B.grad, A @ A.T, False), (layer.A.grad, B.T @ B, True)):
         scale = gram.diagonal().mean()
         if not torch.isfinite(scale) or scale <= 0:
             continue
-        g = grad[:k] if left else grad[:, :k]
+        whole = _whole(grad)
+        g = whole[:k] if left else whole[:, :k]
         system = gram / scale + PRECONDITION_DAMPING * eye
         solved = torch.linalg.solve(system, g.float()) if left else torch.linalg.solve(system, g.float().T).T
         g.copy_(solved.to(g.dtype))
+        _write_back(grad, whole)
 
 
 def add_preconditioner(optimizer: Any, layers: Callable[[], dict[str, LowRankLinear]]):
     """Precondition every factorized or residual layer's factor gradients before each optimizer step.
 
     ``layers`` is called at every step (modes and ranks change during training). Returns the
-    hook's removable handle. Gradients must be whole tensors (not FSDP shards).
+    hook's removable handle. Under FSDP2 every process must run it (it gathers the factors).
     """
 
     @torch.no_grad()
