@@ -128,14 +128,16 @@ class LowRankConfig:
             "are removed from plain weight decay."
         },
     )
-    precondition: bool = field(
-        default=False,
+    precondition: Union[bool, None] = field(
+        default=None,
         metadata={
             "help": "Scaled gradient descent on the factor pairs (Tong, Ma and Chi 2021): before each step "
             "grad_B becomes grad_B (A A^T)^-1 and grad_A becomes (B^T B)^-1 grad_A, each Gram matrix divided by "
             "its mean diagonal, so that the product W = B A moves along the dense gradient's projection whatever "
             "the factors' balance; the optimizer (AdamW) then steps on the preconditioned gradients. Costs "
-            "O((in + out) r^2 + r^3) per layer and step; under FSDP2 the factors are gathered for it."
+            "O((in + out) r^2 + r^3) per layer and step; under FSDP2 the factors are gathered for it. None (the "
+            "default): on wherever training binds an optimizer (LowRankTrainer, LowRankCallback, "
+            "bind_training(max_steps, optimizer)); True: required (a bind without an optimizer is refused); False: off."
         },
     )
     factor_lr_scale: float = field(
@@ -204,8 +206,8 @@ class LowRankConfig:
             raise ValueError(
                 f"LowRankConfig.frobenius_decay={self.frobenius_decay!r} is not allowed; give a number >= 0."
             )
-        if not isinstance(self.precondition, bool):
-            fail("LowRankConfig.precondition", self.precondition, "give true or false")
+        if self.precondition is not None and not isinstance(self.precondition, bool):
+            fail("LowRankConfig.precondition", self.precondition, "give true, false or null (on wherever an optimizer is bound)")
         if not is_number(self.factor_lr_scale, 0.0):
             raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):

@@ -248,7 +248,7 @@ class LowRankModel(nn.Module):
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
         c = self.lowrank_config
-        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition
+        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -274,8 +274,8 @@ class LowRankModel(nn.Module):
         """Tell the strategy how long the run is; call once before the first step (and again after a resume).
 
         ``lr_scheduler`` lets schedule-aware strategies (dynamic) read the learning rate at any
-        step. Given an ``optimizer``, Frobenius decay (``LowRankConfig.frobenius_decay``) is
-        hooked into it. Schedule points that fall outside the run raise here, before training.
+        step. Given an ``optimizer``, Frobenius decay (``LowRankConfig.frobenius_decay``) and the
+        factor preconditioner (``LowRankConfig.precondition``, on unless False) are hooked into it. Schedule points that fall outside the run raise here, before training.
         """
         check_int("max_steps", max_steps, 1)
         sched = optim.inner_scheduler(lr_scheduler)
@@ -310,12 +310,12 @@ class LowRankModel(nn.Module):
                 f"LowRankConfig.frobenius_decay={c.frobenius_decay} needs the optimizer: call "
                 "bind_training(max_steps, optimizer, lr_scheduler) so the decay is applied at every step."
             )
-        if c.precondition and optimizer is not None:
+        if c.precondition is not False and optimizer is not None:
             inner = optim.inner_optimizer(optimizer)
             if id(inner) not in self._preconditioned:
                 optim.add_preconditioner(inner, self.lowrank_layers)
                 self._preconditioned.add(id(inner))
-        elif c.precondition:
+        elif c.precondition is True:
             raise ValueError(
                 "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
                 "so the factor gradients are preconditioned at every step."

@@ -119,7 +119,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 def test_frobenius_decay_gradient(tmp_path):
     lam = 0.01
-    trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "rank": 8, "frobenius_decay": lam})
+    trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "rank": 8, "frobenius_decay": lam, "precondition": False})
     trainer.create_optimizer()
     trainer.model.bind_training(10, trainer.optimizer)
     layer = next(iter(trainer.model.lowrank_layers().values()))
