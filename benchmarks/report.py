@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_lowrank.files import read_json
-from hf_lowrank.report import final_ranks, load_rows, placement_params, write_report
+from hf_lowrank.report import final_ranks, load_rows, placement_ratio, write_report
 
 QUALITY_COLUMNS = ("row", "lr", "target ppl", "steps to target", "train time to target", "FLOPs to target", "train FLOPs", "train FLOPs / full")
 
@@ -107,8 +107,8 @@ ABLATION_COLUMNS = (
 def ablation_table(run_dirs: list[str | Path], reference: str | Path) -> str:
     """Every row of every benchmark directory in ``run_dirs`` (losers too), one line each.
 
-    Perplexity and parameter ratios are against the full-rank row of ``reference`` (a benchmark
-    directory at the same scale and placement). Tokens/s stay absolute: runs made at different
+    Perplexity ratios are against the full-rank row of ``reference`` (a benchmark directory at
+    the same scale); parameter ratios are each row's own placement against it dense. Tokens/s stay absolute: runs made at different
     times, or two at once, do not give speed ratios; the side-by-side table of one run does.
     """
     ref_rows = {r["name"]: r for r in load_rows(reference)}
@@ -130,7 +130,7 @@ def ablation_table(run_dirs: list[str | Path], reference: str | Path) -> str:
                 f"{r['learning_rate']:g}",
                 f"{r['perplexity']:.1f}",
                 f"{r['perplexity'] / full['perplexity']:.3f}",
-                f"{(placement_params(r) or math.nan) / (placement_params(full) or math.nan):.2f}",
+                f"{placement_ratio(r):.2f}",
                 f"{r['trainable_params']:,}",
                 f"{r['tokens_per_second']:,.0f}",
                 final_ranks(r),

@@ -58,17 +58,19 @@ def _reference(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any
     return ref if ref is not None and _done(ref) else None
 
 
-def placement_params(row: dict[str, Any]) -> int | None:
-    """Weights the placement's layers hold at the end (bias excluded): ``i*o`` dense, ``r*(i+o)``
-    factorized, both for residual (its frozen ``W0`` is stored too); None without a rank pattern."""
+def placement_ratio(row: dict[str, Any]) -> float:
+    """Weights the placement's layers hold at the end over what they hold dense (bias excluded):
+    ``r*(i+o)`` factorized, ``i*o + r*(i+o)`` residual (its frozen ``W0`` is stored too); NaN
+    without a rank pattern."""
     pattern = row.get("pattern") or {}
     if not pattern:
-        return None
-    total = 0
+        return math.nan
+    stored = dense = 0
     for p in pattern.values():
         i, o, r = p["in_features"], p["out_features"], p["rank"]
-        total += {"dense": i * o, "factorized": r * (i + o), "residual": i * o + r * (i + o)}[p["mode"]]
-    return total
+        stored += {"dense": i * o, "factorized": r * (i + o), "residual": i * o + r * (i + o)}[p["mode"]]
+        dense += i * o
+    return stored / dense
 
 
 def ratios(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -83,7 +85,7 @@ def ratios(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, float]:
         "ppl": row["perplexity"] / ref["perplexity"],
         "speedup": speedup,
         "trainable": row["trainable_params"] / ref["trainable_params"],
-        "placement": (placement_params(row) or math.nan) / (placement_params(ref) or math.nan),
+        "placement": placement_ratio(row),
         "flop_run": flop_run,
         "flop_final": ref["flops_per_token_final"] / row["flops_per_token_final"],
         "efficiency": speedup / flop_run,
