@@ -289,3 +289,14 @@ def test_one_row_in_its_own_process(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "--rows='full,nope' is not allowed" in bad.stderr
+
+
+def test_speed_by_width_prints_one_row_per_width(capsys):
+    from benchmarks.speed_widths import main as speed_widths
+
+    speed_widths(["--widths", "32,64", "--layers", "1", "--steps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["32", "64"]
+    assert all(r.split("|")[3].strip() == "0.50" for r in rows), "rank 0.375 stores half the block weights"
+    with pytest.raises(SystemExit, match="--rank=2.0"):
+        speed_widths(["--rank", "2"])
