@@ -13,7 +13,7 @@ from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
 from hf_lowrank.cli import build_parser, main, train_overrides
 from hf_lowrank.options import RecipeOptions
 
-QUICKSTART = "recipes/configs/quickstart.yaml"
+INRANK_RECIPE = "recipes/configs/gpt2_tiny_inrank.yaml"  # an InRank recipe: its strategy_args are InRank's
 TINY = [
     "--dataset", "synthetic", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
     "--vocab_size", "300", "--max_steps", "3", "--logging_steps", "1", "--max_eval_tokens", "256",
@@ -43,9 +43,9 @@ def test_help_is_generated_from_the_options(verb, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", QUICKSTART, "--bogus", "1"], "unknown option(s) --bogus"),
-        (["train", QUICKSTART, "--max_steps"], "argument --max_steps: expected one argument"),
-        (["train", QUICKSTART, "--lowrank.strategy_args.threshold"], "argument --lowrank.strategy_args.threshold"),
+        (["train", INRANK_RECIPE, "--bogus", "1"], "unknown option(s) --bogus"),
+        (["train", INRANK_RECIPE, "--max_steps"], "argument --max_steps: expected one argument"),
+        (["train", INRANK_RECIPE, "--lowrank.strategy_args.threshold"], "argument --lowrank.strategy_args.threshold"),
         (["inspect", "somewhere", "--deep"], "unknown option(s) --deep"),
         (["merge", "only_one_folder"], "required: out"),
     ],
@@ -60,8 +60,8 @@ def test_bad_command_line_names_the_option(argv, message, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        (["--max_steps", "0"], "quickstart.yaml: max_steps=0 is not allowed; give an int >= 1"),
-        (["--max_steps", "ten"], "quickstart.yaml: max_steps='ten' is not allowed; give int"),
+        (["--max_steps", "0"], "gpt2_tiny_inrank.yaml: max_steps=0 is not allowed; give an int >= 1"),
+        (["--max_steps", "ten"], "gpt2_tiny_inrank.yaml: max_steps='ten' is not allowed; give int"),
         (["--learning_rate", ".inf"], "learning_rate=inf is not allowed; give a finite number > 0"),
         (["--lowrank.rank", "7.5"], "LowRankConfig.rank=7.5 is not allowed"),
         (["--lowrank.strategy", "nope"], "LowRankConfig.strategy='nope' is not allowed"),
@@ -72,16 +72,16 @@ def test_bad_command_line_names_the_option(argv, message, capsys):
 def test_bad_value_names_the_option_and_file(override, message, capsys):
     """One line on stderr, exit status 2, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", QUICKSTART, *override])
+        main(["train", INRANK_RECIPE, *override])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("hf-lowrank train: recipes/configs/quickstart.yaml: ") and message in err and err.count("\n") == 1
+    assert err.startswith("hf-lowrank train: recipes/configs/gpt2_tiny_inrank.yaml: ") and message in err and err.count("\n") == 1
 
 
 def test_command_line_values_are_read_as_in_the_yaml_file():
     parser = build_parser()
     words = [
-        "train", QUICKSTART, "--output_dir", "007", "--max_steps", "50", "--bf16", "--eval_steps", "none",
+        "train", INRANK_RECIPE, "--output_dir", "007", "--max_steps", "50", "--bf16", "--eval_steps", "none",
         "--data_files", "[a.txt, b.txt]", "--lowrank.rank", "2", "--lowrank.capacity", "0.5",
         "--lowrank.target_modules", "[c_fc, c_proj]", "--lowrank.strategy_args.stage2_at", "10",
         "--lowrank.strategy_args.threshold", "0.8", "--learning_rate", "4e-3",
@@ -89,7 +89,7 @@ def test_command_line_values_are_read_as_in_the_yaml_file():
     args, rest = parser.parse_known_args(words)
     overrides, unknown = train_overrides(parser, args, rest)
     assert not unknown
-    opts = RecipeOptions.from_yaml(QUICKSTART, overrides)
+    opts = RecipeOptions.from_yaml(INRANK_RECIPE, overrides)
     assert opts.output_dir == "007" and opts.max_steps == 50 and opts.bf16 is True and opts.eval_steps is None
     assert opts.data_files == ["a.txt", "b.txt"] and opts.learning_rate == 0.004
     assert opts.lowrank["rank"] == 2 and isinstance(opts.lowrank["rank"], int)  # absolute rank, not a fraction
@@ -148,7 +148,7 @@ def test_train_inspect_merge_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     overrides = ["--lowrank.strategy_args.warmup_steps", "1", "--lowrank.strategy_args.interval", "1", "--lowrank.strategy_args.stage2_at", "3"]
-    assert main(["train", QUICKSTART, *TINY, *overrides, "--output_dir", str(run)]) == 0
+    assert main(["train", INRANK_RECIPE, *TINY, *overrides, "--output_dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "eval perplexity" in out and "final ranks (inrank): " in out and "over 2 layers, factorized" in out
     results = json.loads((run / "results.json").read_text())
@@ -156,7 +156,7 @@ def test_train_inspect_merge_report(tmp_path, capsys, monkeypatch):
 
     main(["inspect", str(run)])
     table = capsys.readouterr().out
-    assert "transformer.h.0.attn.c_attn" in table and "factorized" in table and "trainable params" in table
+    assert "transformer.h.0.mlp.c_fc" in table and "factorized" in table and "trainable params" in table
 
     main(["merge", str(run), str(tmp_path / "merged")])
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

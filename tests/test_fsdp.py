@@ -224,6 +224,7 @@ def test_checkpoint_round_trip_after_a_transition(group, tmp_path):
     fresh_opt = torch.optim.AdamW(optim.param_groups(fresh, lr=1e-3))
     fresh_sched = torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda s: 1 - s / 10)
     lowrank_fsdp.load_checkpoint(fresh, fresh_opt, tmp_path / "ckpt", fresh_sched)
+    fresh.bind_training(10, fresh_opt, fresh_sched)  # as after any resume: hooks the preconditioner again
     assert fresh.rank_pattern() == model.rank_pattern()
     assert fresh.lowrank_layers()[name].mode == "dense"
     assert fresh_sched.last_epoch == 2

@@ -118,7 +118,7 @@ def test_dense_comparison_keeps_the_layers():
     assert (dense.target_modules, dense.exclude_modules, dense.mode, dense.strategy) == (["c_fc"], ".*attn.*", "dense", "fixed")
 
 
-QUICKSTART = ROOT / "recipes" / "configs" / "quickstart.yaml"
+INRANK_RECIPE = ROOT / "recipes" / "configs" / "gpt2_tiny_inrank.yaml"
 INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowrank.strategy_args.{k}", v)]
 
 
@@ -129,7 +129,7 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
          "LowRankConfig.rank=100 is larger than min(in_features, out_features)=32 for layer"),
         (["--lowrank.capacity", "100"], "LowRankConfig.capacity=100 is larger than min(in_features, out_features)=32"),
         (["--lowrank.strategy_args.stage2_at", "50"], "LowRankConfig.strategy_args.stage2_at=50 is step 50, after the end of training (max_steps=4)"),
-        (["--lowrank.target_modules", "[nope]"], "LowRankConfig.target_modules=['nope'] (exclude_modules=None) matches no nn.Linear"),
+        (["--lowrank.target_modules", "[nope]"], "LowRankConfig.target_modules=['nope'] (exclude_modules='.*attn.*') matches no nn.Linear"),
         (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
         (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' does not fit strategy 'inrank'"),
         (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
@@ -144,11 +144,11 @@ def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, 
     monkeypatch.setattr(recipe_module, "load_data", no_data)
     schedule = [] if "fixed" in extra else INRANK_4_STEPS
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(QUICKSTART), *TINY, *schedule, *extra, "--output_dir", str(tmp_path / "run")])
+        main(["train", str(INRANK_RECIPE), *TINY, *schedule, *extra, "--output_dir", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"hf-lowrank train: {QUICKSTART}: ") and message in err, err
+    assert err.startswith(f"hf-lowrank train: {INRANK_RECIPE}: ") and message in err, err
 
 
 def _smoke(path: Path, tmp_path: Path, extra=()):
@@ -181,7 +181,7 @@ def test_recipe_smoke(path, tmp_path, monkeypatch, capsys):
 def test_one_evaluation_at_the_end(tmp_path, monkeypatch):
     """A periodic evaluation at the last step is the final one: the recipe does not evaluate again."""
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
-    results, _ = _smoke(QUICKSTART, tmp_path)  # eval_steps 2 of max_steps 4
+    results, _ = _smoke(INRANK_RECIPE, tmp_path)  # eval_steps 2 of max_steps 4
     low = results["lowrank"]
     evals = [e for e in low["log_history"] if "eval_loss" in e]
     assert [e["step"] for e in evals] == [2, 4]
@@ -192,11 +192,11 @@ def test_one_evaluation_at_the_end(tmp_path, monkeypatch):
 def test_resumed_run_counts_the_whole_run(tmp_path, monkeypatch):
     """Tokens, seconds and the decision share of a resumed run cover the sessions before the resume too."""
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
-    first, run = _smoke(QUICKSTART, tmp_path, ["--save_steps", "2"])
+    first, run = _smoke(INRANK_RECIPE, tmp_path, ["--save_steps", "2"])
     checkpoint = run / "checkpoint-2"
     saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["RunClock"]["args"]["seconds"]
     assert 0 < saved < first["lowrank"]["train_seconds"]
-    resumed, _ = _smoke(QUICKSTART, tmp_path, ["--save_steps", "2", "--resume_from_checkpoint", str(checkpoint)])
+    resumed, _ = _smoke(INRANK_RECIPE, tmp_path, ["--save_steps", "2", "--resume_from_checkpoint", str(checkpoint)])
     low = resumed["lowrank"]
     assert low["steps"] == 4 and low["tokens"] == first["lowrank"]["tokens"] == 4 * 2 * 16  # steps x batch x block
     assert low["train_seconds"] > saved  # the session before the checkpoint, plus this one
@@ -206,7 +206,7 @@ def test_resumed_run_counts_the_whole_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_compare_full_rank_times_both_models_side_by_side(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
-    results, _ = _smoke(QUICKSTART, tmp_path, ["--compare_full_rank", "true", "--speed_steps", "3"])
+    results, _ = _smoke(INRANK_RECIPE, tmp_path, ["--compare_full_rank", "true", "--speed_steps", "3"])
     comparison = results["comparison"]
     assert comparison["speed_steps"] == 3 and comparison["step_speedup"] > 0
     assert comparison["step_flops"]["low"] < comparison["step_flops"]["full"]  # the factorized attention is cheaper
@@ -332,6 +332,6 @@ def test_save_adapter_only_needs_a_plain_base_and_residual_mode(factorized, tmp_
         transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(tmp_path / "plain")
         extra = ["--lowrank.mode", "factorized", "--model_name_or_path", str(tmp_path / "plain")]
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(QUICKSTART), *TINY, *INRANK_4_STEPS, "--save_adapter_only", "true", *extra, "--output_dir", str(tmp_path)])
+        main(["train", str(INRANK_RECIPE), *TINY, *INRANK_4_STEPS, "--save_adapter_only", "true", *extra, "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "save_adapter_only=True is not allowed" in capsys.readouterr().err
