@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install, then train a small GPT-2 with InRank on the bundled State of the Union corpus, beside a
-# full-rank run of the same length, and print perplexities, ranks and parameter counts.
+# Install, then train a small GPT-2 on the bundled State of the Union corpus with every block layer
+# low-rank (dense warm start, then half the weights), beside a full-rank run of the same length, and
+# print perplexities, ranks, parameter counts and speed side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
