@@ -120,12 +120,17 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write_back(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """Store ``whole`` into ``target``: in place, or this process's shard of it for a DTensor."""
+    """Store ``whole`` into ``target``: in place, or this process's shard of it for a DTensor.
+
+    Every process holds the same ``whole``, so each cuts its own shard (``src_data_rank=None``:
+    no broadcast).
+    """
     if whole is target:
         return
     from torch.distributed.tensor import distribute_tensor
 
-    target.to_local().copy_(distribute_tensor(whole, target.device_mesh, target.placements).to_local())
+    local = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
+    target.to_local().copy_(local)
 
 
 def precondition_factors(layer: LowRankLinear) -> None:
@@ -133,7 +138,8 @@ def precondition_factors(layer: LowRankLinear) -> None:
 
     Each Gram matrix is divided by its mean diagonal and damped by ``PRECONDITION_DAMPING``,
     so the step changes direction, not overall size. A factor that is all zero (a fresh
-    residual adapter's ``B``) leaves the other factor's gradient as it is. FSDP2 shards are
+    residual adapter's ``B``) leaves the other factor's gradient as it is; that choice is made
+    on the device (``torch.where``), so a step never waits on the host. FSDP2 shards are
     gathered, preconditioned whole (the same on every process) and written back as shards.
     """
     k = layer.rank
@@ -141,13 +147,12 @@ def precondition_factors(layer: LowRankLinear) -> None:
     eye = torch.eye(k, device=A.device, dtype=torch.float32)
     for grad, gram, left in ((layer.B.grad, A @ A.T, False), (layer.A.grad, B.T @ B, True)):
         scale = gram.diagonal().mean()
-        if not torch.isfinite(scale) or scale <= 0:
-            continue
+        usable = torch.isfinite(scale) & (scale > 0)
+        system = gram / torch.where(usable, scale, torch.ones_like(scale)) + PRECONDITION_DAMPING * eye
         whole = _whole(grad)
         g = whole[:k] if left else whole[:, :k]
-        system = gram / scale + PRECONDITION_DAMPING * eye
         solved = torch.linalg.solve(system, g.float()) if left else torch.linalg.solve(system, g.float().T).T
-        g.copy_(solved.to(g.dtype))
+        g.copy_(torch.where(usable, solved, g.float()).to(g.dtype))
         _write_back(grad, whole)
 
 
