@@ -113,8 +113,7 @@ class LowRankModel(nn.Module):
         self.decision_seconds = 0.0
         self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
         self._bound = False
-        self._frobenius_hooked: set[int] = set()
-        self._preconditioned: set[int] = set()
+        self._hooked_optimizers: set[int] = set()  # optimizers that carry this model's gradient hooks
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
         self._freeze_for_adapters()
@@ -300,21 +299,19 @@ class LowRankModel(nn.Module):
             )
         )
         c = self.lowrank_config
-        if optimizer is not None and c.frobenius_decay > 0:
+        if optimizer is not None:
             inner = optim.inner_optimizer(optimizer)
-            if id(inner) not in self._frobenius_hooked:
-                optim.add_frobenius_decay(inner, self.lowrank_layers, c.frobenius_decay)
-                self._frobenius_hooked.add(id(inner))
+            if id(inner) not in self._hooked_optimizers:  # a second bind (a resume) hooks nothing twice
+                if c.frobenius_decay > 0:
+                    optim.add_frobenius_decay(inner, self.lowrank_layers, c.frobenius_decay)
+                if c.precondition is not False:
+                    optim.add_preconditioner(inner, self.lowrank_layers)
+                self._hooked_optimizers.add(id(inner))
         elif c.frobenius_decay > 0:
             raise ValueError(
                 f"LowRankConfig.frobenius_decay={c.frobenius_decay} needs the optimizer: call "
                 "bind_training(max_steps, optimizer, lr_scheduler) so the decay is applied at every step."
             )
-        if c.precondition is not False and optimizer is not None:
-            inner = optim.inner_optimizer(optimizer)
-            if id(inner) not in self._preconditioned:
-                optim.add_preconditioner(inner, self.lowrank_layers)
-                self._preconditioned.add(id(inner))
         elif c.precondition is True:
             raise ValueError(
                 "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
