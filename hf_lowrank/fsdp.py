@@ -83,19 +83,30 @@ def _states(model: nn.Module) -> list[Any]:
 
 
 def _group(state: Any) -> Any:
-    """The unit's one parameter group (None for a unit without parameters)."""
+    """The unit's one parameter group (None for a unit without parameters).
+
+    Raises ``RuntimeError`` when this torch's FSDP2 lacks the internals re-sharding reads, and
+    ``ValueError`` for a unit sharded over several meshes; :func:`check_reshardable` raises
+    both before training.
+    """
     groups = getattr(state, "_fsdp_param_groups", None)
     if groups is None:
-        raise NotImplementedError(
+        raise RuntimeError(
             f"hf_lowrank re-shards FSDP2 units through FSDPState._fsdp_param_groups, which torch {torch.__version__} "
             "does not have; use a torch with it (2.13 is tested), DDP, or a strategy with changes_shapes=False."
         )
     if len(groups) > 1:
-        raise NotImplementedError(
+        raise ValueError(
             "an FSDP2 unit sharded over several meshes (shard_placement_fn returning ShardPlacementResult) cannot "
             "be re-sharded after a rank change; shard every parameter of a unit on one mesh."
         )
     return groups[0] if groups else None
+
+
+def check_reshardable(model: nn.Module) -> None:
+    """Raise now, not at the first rank change, if any FSDP2 unit of ``model`` could not be re-sharded."""
+    for state in _states(model):
+        _group(state)
 
 
 def _unit_modules(state: Any) -> list[nn.Module]:

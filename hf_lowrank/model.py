@@ -299,6 +299,8 @@ class LowRankModel(nn.Module):
             )
         )
         c = self.lowrank_config
+        if self.strategy.changes_shapes and fsdp.is_sharded(self):
+            fsdp.check_reshardable(self)
         if optimizer is not None:
             inner = optim.inner_optimizer(optimizer)
             if id(inner) not in self._hooked_optimizers:  # a second bind (a resume) hooks nothing twice

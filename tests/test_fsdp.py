@@ -320,3 +320,13 @@ def test_trainer_on_a_sharded_model(group, tmp_path):
     assert in_opt == {id(p) for p in fresh.parameters() if p.requires_grad}
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_a_unit_that_cannot_be_resharded_is_refused_with_what_to_do():
+    from types import SimpleNamespace
+
+    with pytest.raises(RuntimeError, match="_fsdp_param_groups.*DDP, or a strategy with changes_shapes=False"):
+        lowrank_fsdp._group(SimpleNamespace())
+    with pytest.raises(ValueError, match="several meshes.*shard every parameter of a unit on one mesh"):
+        lowrank_fsdp._group(SimpleNamespace(_fsdp_param_groups=["a", "b"]))
+    assert lowrank_fsdp._group(SimpleNamespace(_fsdp_param_groups=[])) is None
