@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import __version__
-from .checks import check_choice, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
+from .checks import check_choice, check_int, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
 from .files import read_json, write_json
 from .hub import push_folder, resolve_file
 from .strategies import get_strategy
@@ -20,6 +20,7 @@ CONFIG_NAME = "lowrank_config.json"
 MODES = ("dense", "factorized", "residual")
 RESIDUAL_BASES = ("model", "orthogonal")
 INITS = ("auto", "kaiming", "spectral", "spectral-ones", "zero_b")
+REBALANCE_MOMENTS = ("keep", "reset")
 
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
@@ -140,6 +141,41 @@ class LowRankConfig:
             "bind_training(max_steps, optimizer)); True: required (a bind without an optimizer is refused); False: off."
         },
     )
+    precondition_damping: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Damping of the preconditioner: added (times the identity) to each Gram matrix after it is divided "
+            "by its mean diagonal, so near-singular pairs (full rank, inactive components) stay finite. Larger "
+            "values move the step towards plain AdamW on the factors."
+        },
+    )
+    rebalance_every: int = field(
+        default=0,
+        metadata={
+            "help": "Re-balance every factorized layer's factor pair every this many optimizer steps (0: never): "
+            "B A is re-split through QR of both factors and the SVD of the (r, r) core into B' = Q_B U S^1/2, "
+            "A' = S^1/2 V^T Q_A^T, the same product in float32, both factors with Gram matrix S. Gradient steps "
+            "let the factors drift out of that balance (B -> B Q, A -> Q^-1 A changes no product but every "
+            "later step); LORO (Mo et al. 2025) re-splits the same way at its exact steps. Runs in update_ranks "
+            "(every loop), after the optimizer step of the steps it divides."
+        },
+    )
+    rebalance_moments: str = field(
+        default="keep",
+        metadata={
+            "help": "What a re-balance does to the factors' optimizer state: 'keep' (moments stay as they are) or "
+            "'reset' (dropped: the next step starts them and their bias correction afresh, as LORO does)."
+        },
+    )
+    factor_weight_decay: Union[float, None] = field(
+        default=None,
+        metadata={
+            "help": "Plain weight decay of the factors A and B (None: the optimizer's weight_decay, as every other "
+            "matrix). Decay on both factors acts as a nuclear-norm penalty on B A; low-rank pretraining peers "
+            "(LORO, CoLA, SLTrain) use 0-0.01. Needs factor parameter groups (LowRankTrainer, or "
+            "hf_lowrank.optim.param_groups in your own loop)."
+        },
+    )
     factor_lr_scale: float = field(
         default=1.0,
         metadata={
@@ -208,6 +244,18 @@ class LowRankConfig:
             )
         if self.precondition is not None and not isinstance(self.precondition, bool):
             fail("LowRankConfig.precondition", self.precondition, "give true, false or null (on wherever an optimizer is bound)")
+        if not is_number(self.precondition_damping, 0.0, inclusive=True) or self.precondition_damping > 1.0:
+            fail("LowRankConfig.precondition_damping", self.precondition_damping, "give a number in [0, 1], e.g. 1e-6")
+        check_int("LowRankConfig.rebalance_every", self.rebalance_every, 0)
+        check_choice("LowRankConfig.rebalance_moments", self.rebalance_moments, REBALANCE_MOMENTS)
+        if self.factor_weight_decay is not None:
+            if not is_number(self.factor_weight_decay, 0.0, inclusive=True):
+                fail("LowRankConfig.factor_weight_decay", self.factor_weight_decay, "give a number >= 0, or null for the optimizer's weight_decay")
+            if self.frobenius_decay > 0:
+                fail(
+                    "LowRankConfig.factor_weight_decay", self.factor_weight_decay,
+                    f"frobenius_decay={self.frobenius_decay} already replaces plain weight decay on the factors; set one of the two",
+                )
         if not is_number(self.factor_lr_scale, 0.0):
             raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):

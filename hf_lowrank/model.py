@@ -237,7 +237,8 @@ class LowRankModel(nn.Module):
         if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
             raise RuntimeError(
                 f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
-                f"{self.lowrank_config.frobenius_decay}, precondition={self.lowrank_config.precondition}) acts during training, but nothing drives it: train with "
+                f"{self.lowrank_config.frobenius_decay}, precondition={self.lowrank_config.precondition}, "
+                f"rebalance_every={self.lowrank_config.rebalance_every}) acts during training, but nothing drives it: train with "
                 "hf_lowrank.LowRankTrainer, add hf_lowrank.LowRankCallback() to a transformers.Trainer, or in your own "
                 "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
                 "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
@@ -247,7 +248,7 @@ class LowRankModel(nn.Module):
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
         c = self.lowrank_config
-        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True
+        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True or c.rebalance_every > 0
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -307,7 +308,7 @@ class LowRankModel(nn.Module):
                 if c.frobenius_decay > 0:
                     optim.add_frobenius_decay(inner, self.lowrank_layers, c.frobenius_decay)
                 if c.precondition is not False:
-                    optim.add_preconditioner(inner, self.lowrank_layers)
+                    optim.add_preconditioner(inner, self.lowrank_layers, c.precondition_damping)
                 self._hooked_optimizers.add(id(inner))
         elif c.frobenius_decay > 0:
             raise ValueError(
@@ -319,12 +320,22 @@ class LowRankModel(nn.Module):
                 "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
                 "so the factor gradients are preconditioned at every step."
             )
-        if optimizer is not None and c.factor_lr_scale != 1.0 and not any(
+        if c.rebalance_every > 0 and c.rebalance_moments == "reset" and optimizer is None:
+            raise ValueError(
+                "LowRankConfig.rebalance_moments='reset' needs the optimizer: call bind_training(max_steps, optimizer, "
+                "lr_scheduler) and pass it to update_ranks, or use rebalance_moments='keep'."
+            )
+        needs_groups = [
+            f"{name}={value}" for name, value, default in
+            (("factor_lr_scale", c.factor_lr_scale, 1.0), ("factor_weight_decay", c.factor_weight_decay, None))
+            if value != default
+        ]
+        if optimizer is not None and needs_groups and not any(
             g.get("lowrank_factors") for g in optim.inner_optimizer(optimizer).param_groups
         ):
             raise ValueError(
-                f"LowRankConfig.factor_lr_scale={c.factor_lr_scale} needs factor parameter groups: build the optimizer "
-                "from hf_lowrank.optim.param_groups(model, lr, weight_decay)."
+                f"LowRankConfig.{', '.join(needs_groups)} needs factor parameter groups: build the optimizer "
+                "from hf_lowrank.optim.param_groups(model, lr, weight_decay), or train with LowRankTrainer."
             )
         self._bound = True
 
@@ -347,6 +358,8 @@ class LowRankModel(nn.Module):
         their state); a plan's learning-rate factor and re-warm act on ``optimizer`` and
         ``lr_scheduler``. Returns the plan applied, or None. A DDP wrapper must be rebuilt by
         the caller when ``plan.changes_shapes`` (see ``hf_lowrank.distributed.rewrap_ddp``).
+        Every ``LowRankConfig.rebalance_every`` steps the factorized layers' factor pairs are
+        re-balanced here (:func:`hf_lowrank.optim.rebalance`), on every process alike.
         """
         if not self._bound:
             raise RuntimeError("call model.bind_training(max_steps, optimizer, lr_scheduler) before update_ranks.")
@@ -369,6 +382,11 @@ class LowRankModel(nn.Module):
                 with fsdp.resharding(self, [c.layer for c in plan.changes if c.op != "grow"], optimizer):
                     self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
             self.decision_seconds += time.perf_counter() - start
+        every = self.lowrank_config.rebalance_every
+        if every > 0 and step % every == 0:  # the run's step is the clock, so a resume re-balances at the same steps
+            start = time.perf_counter()
+            optim.rebalance(self.lowrank_layers(), optimizer, self.lowrank_config.rebalance_moments)
+            self.decision_seconds += time.perf_counter() - start  # counted with the decisions: library time outside the step
         self.lr_adjust.apply_rewarm(optimizer, step)
         return plan
 

@@ -5,6 +5,8 @@
   ``factor_lr_scale``); :func:`split_factor_groups` does the same to an existing optimizer.
 - :func:`add_frobenius_decay`: the gradient of ``(lambda/2) ||B A||_F^2`` before each step.
 - :func:`add_preconditioner`: scaled gradient descent on factor pairs before each step.
+- :func:`rebalance`: re-split each factorized layer's ``B A`` into balanced factors (same
+  product), keeping or resetting the factors' optimizer moments.
 - :func:`regroup`: after a plan replaced parameters, point the optimizer at the model's
   current ones, keeping the state of survivors.
 - :class:`LrAdjust`: a plan's learning-rate factor and re-warm ramp on top of any schedule.
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .config import REBALANCE_MOMENTS
 from .layer import LowRankLinear
 
 FACTORS = ("A", "B")
@@ -52,16 +55,20 @@ def param_groups(
     weight_decay: float = 0.0,
     factor_lr_scale: float | None = None,
     frobenius_decay: float | None = None,
+    factor_weight_decay: float | None = None,
 ) -> list[dict[str, Any]]:
     """Parameter groups for ``torch.optim.AdamW(param_groups(model, lr, wd))`` in a plain loop.
 
     Four groups at most, in a fixed order: (decay, no decay) x (other, factors). Factor groups
-    carry ``lowrank_factors=True`` and ``lr * factor_lr_scale``. ``factor_lr_scale`` and
-    ``frobenius_decay`` default to the model's ``LowRankConfig``.
+    carry ``lowrank_factors=True`` and ``lr * factor_lr_scale``; the decaying one takes
+    ``factor_weight_decay`` (None: ``weight_decay``). ``factor_lr_scale``, ``frobenius_decay``
+    and ``factor_weight_decay`` default to the model's ``LowRankConfig``.
     """
     config = getattr(model, "lowrank_config", None)
     scale = factor_lr_scale if factor_lr_scale is not None else getattr(config, "factor_lr_scale", 1.0)
     frob = (frobenius_decay if frobenius_decay is not None else getattr(config, "frobenius_decay", 0.0)) > 0
+    if factor_weight_decay is None:
+        factor_weight_decay = getattr(config, "factor_weight_decay", None)
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, f): [] for d in (True, False) for f in (False, True)}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -72,21 +79,28 @@ def param_groups(
             group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if factor else 1.0)}
             if factor:
                 group["lowrank_factors"] = True
+                if decay and factor_weight_decay is not None:
+                    group["weight_decay"] = factor_weight_decay
             groups.append(group)
     return groups
 
 
-def split_factor_groups(optimizer: Any, factor_ids: set[int], scale: float) -> None:
+def split_factor_groups(
+    optimizer: Any, factor_ids: set[int], scale: float, weight_decay: float | None = None
+) -> None:
     """Move the factors of every group into a sibling group with ``lowrank_factors=True`` and ``lr * scale``.
 
-    The split is made even at scale 1, so that the group structure (and with it a
-    checkpoint's optimizer state) never depends on the setting.
+    Factors leaving a group that decays take ``weight_decay`` instead of the group's (None:
+    the group's). The split is made even at scale 1, so that the group structure (and with it
+    a checkpoint's optimizer state) never depends on the setting.
     """
     opt = inner_optimizer(optimizer)
     for group in list(opt.param_groups):
         moved = [p for p in group["params"] if id(p) in factor_ids]
         group["params"] = [p for p in group["params"] if id(p) not in factor_ids]
         extra = {k: v for k, v in group.items() if k != "params"}
+        if weight_decay is not None and extra.get("weight_decay", 0.0) > 0:
+            extra["weight_decay"] = weight_decay
         opt.add_param_group({**extra, "params": moved, "lr": group["lr"] * scale, "lowrank_factors": True})
 
 
@@ -111,7 +125,7 @@ def add_frobenius_decay(optimizer: Any, layers: Callable[[], dict[str, LowRankLi
     return inner_optimizer(optimizer).register_step_pre_hook(hook)
 
 
-PRECONDITION_DAMPING = 1e-6  # added to each Gram matrix over its mean diagonal: keeps zero (inactive) columns finite
+PRECONDITION_DAMPING = 1e-6  # default of LowRankConfig.precondition_damping
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -133,10 +147,10 @@ def _write_back(target: torch.Tensor, whole: torch.Tensor) -> None:
     target.to_local().copy_(local)
 
 
-def precondition_factors(layer: LowRankLinear) -> None:
+def precondition_factors(layer: LowRankLinear, damping: float = PRECONDITION_DAMPING) -> None:
     """Replace ``grad_B`` by ``grad_B (A A^T)^-1`` and ``grad_A`` by ``(B^T B)^-1 grad_A`` over the active components.
 
-    Each Gram matrix is divided by its mean diagonal and damped by ``PRECONDITION_DAMPING``,
+    Each Gram matrix is divided by its mean diagonal and damped by ``damping`` (times the identity),
     so the step changes direction, not overall size. A factor that is all zero (a fresh
     residual adapter's ``B``) leaves the other factor's gradient as it is; that choice is made
     on the device (``torch.where``), so a step never waits on the host. FSDP2 shards are
@@ -148,7 +162,7 @@ def precondition_factors(layer: LowRankLinear) -> None:
     for grad, gram, left in ((layer.B.grad, A @ A.T, False), (layer.A.grad, B.T @ B, True)):
         scale = gram.diagonal().mean()
         usable = torch.isfinite(scale) & (scale > 0)
-        system = gram / torch.where(usable, scale, torch.ones_like(scale)) + PRECONDITION_DAMPING * eye
+        system = gram / torch.where(usable, scale, torch.ones_like(scale)) + damping * eye
         whole = _whole(grad)
         g = whole[:k] if left else whole[:, :k]
         solved = torch.linalg.solve(system, g.float()) if left else torch.linalg.solve(system, g.float().T).T
@@ -156,7 +170,9 @@ def precondition_factors(layer: LowRankLinear) -> None:
         _write_back(grad, whole)
 
 
-def add_preconditioner(optimizer: Any, layers: Callable[[], dict[str, LowRankLinear]]):
+def add_preconditioner(
+    optimizer: Any, layers: Callable[[], dict[str, LowRankLinear]], damping: float = PRECONDITION_DAMPING
+):
     """Precondition every factorized or residual layer's factor gradients before each optimizer step.
 
     ``layers`` is called at every step (modes and ranks change during training). Returns the
@@ -167,9 +183,65 @@ def add_preconditioner(optimizer: Any, layers: Callable[[], dict[str, LowRankLin
     def hook(opt, args, kwargs) -> None:
         for layer in layers().values():
             if layer.mode != "dense" and layer.A.grad is not None and layer.B.grad is not None:
-                precondition_factors(layer)
+                precondition_factors(layer, damping)
 
     return inner_optimizer(optimizer).register_step_pre_hook(hook)
+
+
+REBALANCE_TOLERANCE = 1e-6  # a pair whose smallest singular value is below this share of its largest is left as it is
+
+
+@torch.no_grad()
+def rebalance_factors(layer: LowRankLinear) -> bool:
+    """Re-split the active product ``B A`` of a factorized layer into ``B' = Q_B U S^1/2``, ``A' = S^1/2 V^T Q_A^T``.
+
+    ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR) and ``R_B R_A^T = U S V^T`` (an (r, r)
+    SVD), so ``B' A' = B A`` up to float32 rounding, and both factors then have Gram matrix
+    ``S``: the balance that gradient steps on a factor pair drift away from. In float32 whatever
+    the parameters' dtype. Returns False, changing nothing, when the pair is rank-deficient
+    (a singular value below ``REBALANCE_TOLERANCE`` of the largest, e.g. components InRank has
+    just grown with ``B = 0``, which a re-split would zero in both factors) or the result is
+    not finite. FSDP2 shards are gathered, re-split whole (the same on every process) and
+    written back as shards.
+    """
+    k = layer.rank
+    B_whole, A_whole = _whole(layer.B), _whole(layer.A)
+    B, A = B_whole[:, :k].float(), A_whole[:k].float()
+    q_b, r_b = torch.linalg.qr(B)  # (out, k), (k, k)
+    q_a, r_a = torch.linalg.qr(A.T)  # (in, k), (k, k)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    if not bool(torch.isfinite(s).all()) or s[-1] <= REBALANCE_TOLERANCE * s[0]:
+        return False
+    root = s.sqrt()
+    new_b, new_a = q_b @ (u * root), (root[:, None] * vh) @ q_a.T
+    if not (bool(torch.isfinite(new_b).all()) and bool(torch.isfinite(new_a).all())):
+        return False
+    B_whole[:, :k].copy_(new_b.to(B_whole.dtype))
+    A_whole[:k].copy_(new_a.to(A_whole.dtype))
+    _write_back(layer.B, B_whole)
+    _write_back(layer.A, A_whole)
+    return True
+
+
+def rebalance(layers: dict[str, LowRankLinear], optimizer: Any = None, moments: str = "keep") -> list[str]:
+    """Re-balance every factorized layer (:func:`rebalance_factors`); returns the names of those re-split.
+
+    ``moments``: ``"keep"`` leaves the optimizer's state of ``A`` and ``B`` as it is (the moments
+    stay in the old basis); ``"reset"`` drops it, so the next step starts those factors' moments
+    and bias correction afresh (what LORO does at its exact steps). Residual adapters and dense
+    layers are left alone.
+    """
+    if moments not in REBALANCE_MOMENTS:
+        raise ValueError(f"rebalance moments={moments!r} is not allowed; give one of {REBALANCE_MOMENTS}.")
+    done = []
+    for name, layer in layers.items():
+        if layer.mode == "factorized" and rebalance_factors(layer):
+            done.append(name)
+            if moments == "reset" and optimizer is not None:
+                state = inner_optimizer(optimizer).state
+                for p in (layer.A, layer.B):
+                    state.pop(p, None)
+    return done
 
 
 def regroup(

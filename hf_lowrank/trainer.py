@@ -177,8 +177,9 @@ class LowRankTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, with the factors of each group in a group of their own.
 
-        Factor groups carry ``lowrank_factors=True`` and the learning rate times
-        ``LowRankConfig.factor_lr_scale`` (see :func:`hf_lowrank.optim.split_factor_groups`).
+        Factor groups carry ``lowrank_factors=True``, the learning rate times
+        ``LowRankConfig.factor_lr_scale`` and ``LowRankConfig.factor_weight_decay`` (see
+        :func:`hf_lowrank.optim.split_factor_groups`).
         A step pre-hook skips updates whose gradients are not finite.
         """
         fresh = self.optimizer is None
@@ -186,7 +187,8 @@ class LowRankTrainer(Trainer):
         if fresh:
             layers = self.model.lowrank_layers().values()
             factors = {id(p) for layer in layers for p in (layer.A, layer.B) if p is not None}
-            optim.split_factor_groups(optimizer, factors, self.model.lowrank_config.factor_lr_scale)
+            c = self.model.lowrank_config
+            optim.split_factor_groups(optimizer, factors, c.factor_lr_scale, c.factor_weight_decay)
             optim.inner_optimizer(optimizer).register_step_pre_hook(self._skip_nonfinite)
         return optimizer
 
