@@ -2,6 +2,7 @@
 
     python -m benchmarks.report runs/bench-cpu-long    # regenerate report.md and the plots from the JSON files
     python -m benchmarks.report --ablations runs/abl-* --reference runs/bench-cpu-long   # one table of many runs
+    python -m benchmarks.report --paired runs/dense runs/abl-*    # per setting: seeds, mean, spread, ratio to full rank paired by seed
 
 ``hf_lowrank.report.write_report`` writes the table, the targets and the plots; this module adds
 two sections from the same ``rows/<name>/metrics.json`` files: for each row, the steps, training
@@ -139,12 +140,97 @@ def ablation_table(run_dirs: list[str | Path], reference: str | Path) -> str:
     return "\n".join(lines)
 
 
+PAIRED_COLUMNS = (
+    "setting", "row", "ablation", "lr", "seeds", "eval ppl by seed", "mean ppl", "spread", "ppl / full by seed",
+    "mean ppl / full", "low-rank layers' params / dense", "final ranks",
+)
+
+
+def seed_runs(folder: str | Path) -> list[Path]:
+    """The benchmark directories of one setting: ``folder/seed-<N>/`` as ``--seeds`` writes them, or ``folder`` itself."""
+    folder = Path(folder)
+    runs = sorted((p for p in folder.glob("seed-*") if (p / "benchmark.json").is_file()), key=lambda p: p.name)
+    if runs:
+        return runs
+    if (folder / "benchmark.json").is_file():
+        return [folder]
+    raise FileNotFoundError(f"{folder}: no benchmark.json and no seed-<N>/benchmark.json below it")
+
+
+def run_seed(run_dir: Path) -> int:
+    """The seed a benchmark directory trained with (its settings' ``seed``)."""
+    return int(read_json(run_dir / "benchmark.json")["settings"].get("seed", 0))
+
+
+def paired_rows(settings: list[str | Path]) -> list[dict[str, Any]]:
+    """Each row of each setting across its seeds, with its ratio to the full-rank row of the same seed.
+
+    A setting is a folder of ``seed-<N>`` benchmark directories (or one directory). The
+    first full-rank row given for each seed is the reference: a ratio is only taken against
+    full rank trained with the same seed (init and data order). Spread is
+    (max - min) / mean of the perplexities over the seeds.
+    """
+    full_by_seed: dict[int, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for folder in settings:
+        for run_dir in seed_runs(folder):
+            seed, meta = run_seed(run_dir), read_json(run_dir / "benchmark.json")
+            name = Path(folder).name
+            for r in load_rows(run_dir):
+                if "eval_loss" not in r:
+                    continue
+                if r["name"] == "full":
+                    full_by_seed.setdefault(seed, r)
+                g = groups.setdefault((name, r["name"]), {"setting": name, "row": r, "meta": meta, "by_seed": {}})
+                g["by_seed"][seed] = r
+    out = []
+    for g in groups.values():
+        seeds = sorted(g["by_seed"])
+        ppl = [g["by_seed"][s]["perplexity"] for s in seeds]
+        ratios = [g["by_seed"][s]["perplexity"] / full_by_seed[s]["perplexity"] for s in seeds if s in full_by_seed]
+        mean = sum(ppl) / len(ppl)
+        out.append({
+            **g, "seeds": seeds, "ppl": ppl, "mean": mean, "spread": (max(ppl) - min(ppl)) / mean,
+            "ratios": ratios, "paired_seeds": [s for s in seeds if s in full_by_seed],
+            "mean_ratio": sum(ratios) / len(ratios) if ratios else None,
+        })
+    return out
+
+
+def paired_table(settings: list[str | Path]) -> str:
+    """One line per row of each setting: perplexity by seed, mean, spread, and ratios to full rank paired by seed."""
+    lines = ["| " + " | ".join(PAIRED_COLUMNS) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 6 + ["---:", "---"]) + "|"]
+    for p in paired_rows(settings):
+        r, meta = p["row"], p["meta"]
+        ablation = ", ".join(f"{k}={v}" for k, v in (meta.get("ablation") or {}).items()) or "-"
+        cells = [
+            p["setting"],
+            r["label"],
+            "-" if r["name"] == "full" else ablation,
+            f"{r['learning_rate']:g}",
+            ",".join(str(s) for s in p["seeds"]),
+            " / ".join(f"{v:.2f}" for v in p["ppl"]),
+            f"{p['mean']:.2f}",
+            f"{p['spread']:.1%}" if len(p["seeds"]) > 1 else "-",
+            " / ".join(f"{v:.3f}" for v in p["ratios"]) or "-",
+            f"{p['mean_ratio']:.3f}" if p["mean_ratio"] is not None else "-",
+            f"{placement_ratio(r):.2f}",
+            final_ranks(r),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="*", help="a benchmark directory (holds rows/)")
     parser.add_argument("--ablations", nargs="+", default=None, metavar="DIR", help="print one table of every row of these directories")
     parser.add_argument("--reference", default=None, metavar="DIR", help="with --ablations: the directory whose full-rank row ratios are taken against")
+    parser.add_argument("--paired", nargs="+", default=None, metavar="DIR", help="one table of these settings (folders of seed-<N> runs) with ratios to full rank paired by seed")
     args = parser.parse_args(argv)
+    if args.paired:
+        print(paired_table(args.paired))
+        return
     if args.ablations:
         if not args.reference:
             parser.error("--ablations needs --reference DIR (a benchmark directory with a full-rank row)")

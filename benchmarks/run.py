@@ -3,6 +3,7 @@
     python -m benchmarks.run --scale cpu --out runs/bench-cpu            # GPT-2 4x256, 300 steps, 2 CPU cores
     python -m benchmarks.run --scale cpu-long --out runs/bench-long      # GPT-2 4x128 to its plateau, < 60 min
     python -m benchmarks.run --scale cpu-long --lr-sweep 1e-3,2e-3,4e-3 --rows full,inrank --out runs/sweep
+    python -m benchmarks.run --scale cpu-long --seeds 0,1,2 --rows full,spectral --inrank-rank 1.0 --out runs/seeds
     benchmarks/gpu.sh runs/bench-gpu                                     # GPT-2 small's shape, bf16, one GPU
     python -m benchmarks.report runs/bench-cpu                           # regenerate report.md and the plots
 
@@ -11,7 +12,9 @@ benchmarks.run_row`` process (its own peak memory), writes ``rows/<name>/*.json`
 one-line summary here, with its time. With ``--lr-sweep`` each row runs at every rate (under
 ``sweep/<name>/lr-<rate>/``) and ``rows/<name>`` holds its run at the rate of lowest eval
 perplexity. The driver then adds each row's time to full rank's final perplexity and writes
-``report.md`` with the table, the targets met or missed, the sweep and the PNG plots.
+``report.md`` with the table, the targets met or missed, the sweep and the PNG plots. With
+``--seeds`` the whole benchmark runs once per seed (init and data order) into ``seed-<N>/``
+and ``paired.md`` gives each row's mean, spread and ratio to full rank paired by seed.
 This is a measurement, not a test: it prints ratios and fails only if a row crashes.
 """
 
@@ -252,6 +255,39 @@ def run_benchmark(
     return report
 
 
+def parse_seeds(text: str, settings: dict[str, Any]) -> list[int]:
+    """``--seeds 0,1,2`` as distinct ints >= 0; refused together with ``--set seed=``."""
+    if "seed" in settings:
+        fail("--seeds", text, "give either --seeds or --set seed=N, not both")
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        fail("--seeds", text, "give distinct whole numbers >= 0, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def run_seeds(
+    scale_name: str, out: Path, rows: list[str], settings: dict[str, Any], seeds: list[int],
+    inrank_rank: float | None, isolate: bool, rates: list[float] | None, ablation: dict[str, Any],
+) -> Path:
+    """Run the benchmark once per seed into ``out/seed-<N>/``; write ``out/paired.md`` and return its path."""
+    from benchmarks.report import paired_table
+
+    for seed in seeds:  # the first seed's setup check also covers the others: only the seed differs
+        run_benchmark(
+            scale_name, out / f"seed-{seed}", rows, {**settings, "seed": seed}, inrank_rank, isolate=isolate,
+            rates=rates, ablation=ablation,
+        )
+    path = out / "paired.md"
+    path.write_text(
+        "# Rows across seeds\n\nEach row's eval perplexity at every seed, their mean and spread ((max - min) / mean), "
+        "and its ratio to full rank trained with the same seed (init and data order).\n\n" + paired_table([out]) + "\n"
+    )
+    return path
+
+
 def merge_runs(out: Path, parts: list[Path]) -> Path:
     """One benchmark directory from ``parts`` run apart (two processes at once, or two machines).
 
@@ -314,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")
     parser.add_argument("--lowrank", action="append", default=[], metavar="KEY=VALUE", help="ablation: a LowRankConfig setting of every low-rank row, e.g. init_scale=0.5 or strategy_args.threshold=0.95")
     parser.add_argument("--lr-sweep", default=None, metavar="LR,LR,...", help="run each row at each rate and report it at its best")
+    parser.add_argument("--seeds", default=None, metavar="N,N,...", help="run the benchmark at each seed into OUT/seed-<N>/ and report ratios paired by seed")
     parser.add_argument("--inrank-rank", type=float, default=None, help="rank fraction for fixed/spectral/warm_start/dynamic (default: InRank's final)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="merge benchmark directories of one benchmark run apart into --out, then report")
     parser.add_argument("--in-process", action="store_true", help="run rows in this process (smoke runs; peak memory then mixes rows)")
@@ -333,10 +370,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = parse_settings(args.set)
         ablation = parse_settings(args.lowrank, "--lowrank")
         rates = parse_rates(args.lr_sweep) if args.lr_sweep else None
+        seeds = parse_seeds(args.seeds, settings) if args.seeds else None
     except ValueError as e:
         raise SystemExit(f"benchmarks.run: {e}") from None
     try:
-        report = run_benchmark(args.scale, out, rows, settings, args.inrank_rank, isolate=not args.in_process, rates=rates, ablation=ablation)
+        if seeds is not None:
+            report = run_seeds(args.scale, out, rows, settings, seeds, args.inrank_rank, not args.in_process, rates, ablation)
+        else:
+            report = run_benchmark(args.scale, out, rows, settings, args.inrank_rank, isolate=not args.in_process, rates=rates, ablation=ablation)
     except SetupError as e:
         raise SystemExit(f"benchmarks.run: {e}") from None
     print()

@@ -300,3 +300,23 @@ def test_speed_by_width_prints_one_row_per_width(capsys):
     assert all(r.split("|")[3].strip() == "0.50" for r in rows), "rank 0.375 stores half the block weights"
     with pytest.raises(SystemExit, match="--rank=2.0"):
         speed_widths(["--rank", "2"])
+
+
+def test_seeds_run_the_benchmark_per_seed_and_pair_ratios_by_seed(tmp_path):
+    from benchmarks.report import paired_rows
+
+    path = bench.run_seeds("cpu", tmp_path / "s", ["full", "spectral"], TINY, [0, 1], 0.25, False, None, {})
+    for seed in (0, 1):
+        meta = read_json(tmp_path / "s" / f"seed-{seed}" / "benchmark.json")
+        assert meta["settings"]["seed"] == seed
+    rows = {p["row"]["name"]: p for p in paired_rows([tmp_path / "s"])}
+    full = {s: read_json(tmp_path / "s" / f"seed-{s}" / "rows" / "full" / "metrics.json")["perplexity"] for s in (0, 1)}
+    low = {s: read_json(tmp_path / "s" / f"seed-{s}" / "rows" / "spectral" / "metrics.json")["perplexity"] for s in (0, 1)}
+    assert rows["spectral"]["ratios"] == [low[0] / full[0], low[1] / full[1]]  # paired, never across seeds
+    assert rows["full"]["spread"] == pytest.approx(abs(full[0] - full[1]) / ((full[0] + full[1]) / 2))
+    assert "| s | full rank |" in path.read_text()
+    for bad in ("0,0", "x", "-1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            bench.parse_seeds(bad, {})
+    with pytest.raises(ValueError, match="not both"):
+        bench.parse_seeds("0,1", {"seed": 3})

@@ -10,7 +10,7 @@ import torch
 from fsdp_train import tiny_gpt2
 from torch.utils.flop_counter import FlopCounterMode
 
-from hf_lowrank import LowRankConfig, get_lowrank_model
+from hf_lowrank import LowRankConfig, get_lowrank_model, optim
 from hf_lowrank.strategies import LayerChange, Plan
 
 MLP = {"target_modules": ["c_fc", "c_proj"], "exclude_modules": r".*attn.*"}
@@ -87,6 +87,15 @@ def test_growth_within_capacity_does_not_recompile():
     assert first < after_truncate <= 2 * first
     step_matches_eager(model, compiled)
     assert backend.graphs == after_truncate
+
+    # a re-balance rewrites the factors' values in place: no shape, no recompile
+    with torch.no_grad():
+        for layer in model.lowrank_layers().values():
+            layer.B.normal_(std=0.02)  # grown (then truncated) components are zero, which a re-balance leaves alone
+            layer.A.normal_(std=0.02)
+    assert optim.rebalance(model.lowrank_layers()) == names
+    step_matches_eager(model, compiled)
+    assert backend.graphs == after_truncate, "a re-balance recompiled"
 
 
 @pytest.mark.slow

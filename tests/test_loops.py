@@ -269,3 +269,113 @@ def test_precondition_trains_in_a_plain_loop_and_needs_the_optimizer():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="LowRankConfig.precondition='yes'"):
         LowRankConfig(target_modules=["c_fc"], precondition="yes")
+
+
+def unbalanced_layer(rank: int = 6, seed: int = 0):
+    """A factorized (10 x 12) layer whose B is 8x too large and A 8x too small: the same product as balanced factors."""
+    from hf_lowrank.layer import LowRankLinear
+
+    torch.manual_seed(seed)
+    layer = LowRankLinear(torch.nn.Linear(12, 10))
+    layer.init_factorized(rank=rank, init="kaiming")
+    with torch.no_grad():
+        layer.B.mul_(8.0)
+        layer.A.div_(8.0)
+    return layer
+
+
+def test_rebalance_keeps_the_product_and_balances_the_factors():
+    layer = unbalanced_layer()
+    before = (layer.B @ layer.A).detach().clone()
+    assert optim.rebalance({"l": layer}) == ["l"]
+    B, A = layer.B.detach(), layer.A.detach()
+    torch.testing.assert_close(B @ A, before, rtol=1e-5, atol=1e-6)
+    gram_b, gram_a = B.T @ B, A @ A.T
+    torch.testing.assert_close(gram_b, gram_a, rtol=1e-4, atol=1e-6)  # both S
+    torch.testing.assert_close(gram_b, torch.diag(gram_b.diagonal()), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(gram_b.diagonal().sort(descending=True).values, torch.linalg.svdvals(before)[:6], rtol=1e-4)
+
+    half = unbalanced_layer().to(torch.bfloat16)  # computed in float32, stored in the parameters' dtype
+    product = (half.B.float() @ half.A.float()).clone()
+    optim.rebalance({"l": half})
+    assert half.B.dtype == torch.bfloat16
+    torch.testing.assert_close(half.B.float() @ half.A.float(), product, rtol=3e-2, atol=3e-2 * product.abs().max().item())
+
+
+def test_rebalance_leaves_rank_deficient_pairs_and_adapters_alone():
+    grown = unbalanced_layer()
+    with torch.no_grad():
+        grown.B[:, 2] = 0  # a component InRank just grew: B = 0, so the product has rank 5 of 6
+    adapter = unbalanced_layer()
+    adapter.to_residual(rank=4)
+    saved = {k: v.clone() for k, v in {"gB": grown.B, "gA": grown.A, "aB": adapter.B, "aA": adapter.A}.items()}
+    assert optim.rebalance({"grown": grown, "adapter": adapter}) == []
+    for key, layer_t in {"gB": grown.B, "gA": grown.A, "aB": adapter.B, "aA": adapter.A}.items():
+        assert torch.equal(layer_t, saved[key]), key
+
+
+def test_rebalance_moments_keep_or_reset():
+    for moments, kept in (("keep", True), ("reset", False)):
+        layer = unbalanced_layer()
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+        layer(torch.randn(4, 12)).sum().backward()
+        opt.step()
+        optim.rebalance({"l": layer}, opt, moments)
+        assert (layer.B in opt.state and layer.A in opt.state) is kept
+        assert layer.bias in opt.state, "only the factors' state is touched"
+        layer(torch.randn(4, 12)).sum().backward()
+        opt.step()  # a reset state starts afresh, bias correction included
+        assert int(opt.state[layer.B]["step"]) == (2 if kept else 1)
+    with pytest.raises(ValueError, match="rotate"):
+        optim.rebalance({"l": layer}, opt, "rotate")
+
+
+def test_update_ranks_rebalances_every_k_steps_in_a_plain_loop():
+    config = LowRankConfig(target_modules=["c_fc"], rank=1.0, init="spectral", rebalance_every=3, precondition=False)
+    model = get_lowrank_model(tiny_gpt2(), config)
+    with pytest.raises(RuntimeError, match="rebalance_every=3. acts during training"):
+        model.train()(**next(iter(batches(1))))
+
+    def gap(layer):
+        B, A = layer.active_factors()
+        return (B.T @ B - A @ A.T).abs().max().item() / (B.T @ B).abs().max().item()
+
+    gaps = {}
+
+    def check(step, model, optimizer):
+        gaps[step] = max(gap(layer) for layer in model.lowrank_layers().values())
+
+    plain_loop(model, 7, check=check)
+    assert gaps[3] < 1e-4 and gaps[6] < 1e-4, gaps  # re-split at steps 3 and 6
+    assert gaps[4] > 10 * gaps[3] and gaps[7] > 10 * gaps[6], gaps  # steps in between drift away again
+    with pytest.raises(ValueError, match="rebalance_moments='reset' needs the optimizer"):
+        get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rebalance_every=2, rebalance_moments="reset")).bind_training(10)
+
+
+def test_factor_weight_decay_sets_the_factor_groups():
+    config = LowRankConfig(target_modules=["c_fc"], rank=4, factor_weight_decay=0.0)
+    model = get_lowrank_model(tiny_gpt2(), config)
+    groups = optim.param_groups(model, lr=1e-3, weight_decay=0.1)
+    factor = [g for g in groups if g.get("lowrank_factors")]
+    other = [g for g in groups if not g.get("lowrank_factors")]
+    assert [g["weight_decay"] for g in factor] == [0.0] and max(g["weight_decay"] for g in other) == 0.1
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)  # no factor groups: refused at bind
+    with pytest.raises(ValueError, match="factor_weight_decay=0.0 needs factor parameter groups"):
+        model.bind_training(10, plain)
+    with pytest.raises(ValueError, match="frobenius_decay=0.001 already replaces"):
+        LowRankConfig(target_modules=["c_fc"], factor_weight_decay=0.01, frobenius_decay=1e-3)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rebalance_every", -1, "rebalance_every=-1"),
+        ("rebalance_every", 2.5, "rebalance_every=2.5"),
+        ("rebalance_moments", "rotate", "rebalance_moments='rotate'"),
+        ("factor_weight_decay", -0.1, "factor_weight_decay=-0.1"),
+        ("precondition_damping", 2.0, "precondition_damping=2.0"),
+    ],
+)
+def test_rebalance_settings_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankConfig(target_modules=["c_fc"], **{field: value})

@@ -15,6 +15,9 @@ from hf_lowrank.strategies import LayerChange, Plan
 VARIANTS = {
     "factorized": {"mode": "factorized"},  # InRank-Efficient, the authors' code
     "residual": {"mode": "residual", "residual_base": "orthogonal"},  # the paper's W0 + B A over an orthogonal W0
+    # Re-balanced every 3 steps with the moments reset: the resumed run re-splits at the same steps
+    # (skipping pairs with freshly grown zero components) and drops the same optimizer state.
+    "rebalanced": {"mode": "factorized", "rebalance_every": 3, "rebalance_moments": "reset", "factor_weight_decay": 0.0},
 }
 STAGE2 = 8
 
