@@ -138,6 +138,18 @@ SCALES = {
         },
         threads=1,
     ),
+    # cpu-long's data, vocabulary, length and batch at width 256 (GPT-2 4 x 256, 3.3M parameters, 3.1M
+    # in the block linears): the narrowest width where a step at half the block weights is measurably
+    # faster on this CPU (python -m benchmarks.speed_widths: 1.29x at 256 against 1.09x at 128). About
+    # 3x cpu-long's time a row at one thread; run subsets (--rows) and parts on two cores (--merge).
+    "cpu-wide": Scale(
+        {
+            **_COMMON, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 64, "vocab_size": 512,
+            "max_eval_tokens": 16384, "max_steps": 3000, "per_device_train_batch_size": 8, "learning_rate": 2e-3,
+            "warmup_steps": 100, "eval_steps": 250, "logging_steps": 50,
+        },
+        threads=1,
+    ),
     # GPT-2 small's shape (12 x 768, 12 heads, 1024 context) in bf16 on one GPU: 98M parameters
     # with this 16384-token vocabulary (124M with GPT-2's 50257). 600 steps of 16 x 1024 tokens
     # are about four passes over SOTU; point dataset/data_files at a larger corpus for longer runs.

@@ -344,7 +344,7 @@ def _keep_best(runs: list[tuple[dict[str, Any], Path]], row_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu, cpu-long (to full rank's plateau) or gpu")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu, cpu-long (to full rank's plateau), cpu-wide (cpu-long at width 256) or gpu")
     parser.add_argument("--out", default=None, help="benchmark directory (default runs/bench-<scale>)")
     parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(row_names())} (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")

@@ -187,7 +187,7 @@ def test_ablation_overrides_every_low_rank_row_and_never_the_dense_one():
 
 
 def test_scales_are_recipe_overrides_and_bad_settings_fail_early():
-    assert set(SCALES) == {"cpu", "cpu-long", "gpu"}
+    assert set(SCALES) == {"cpu", "cpu-long", "cpu-wide", "gpu"}
     assert all(s.targets == "blocks" for s in SCALES.values())
     gpu = SCALES["gpu"].options()
     assert gpu.bf16 and not gpu.use_cpu and (gpu.n_layer, gpu.n_embd, gpu.block_size) == (12, 768, 1024)
@@ -225,13 +225,17 @@ def test_setup_errors_come_before_any_data(tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written before the checks pass"
 
 
-def test_cpu_long_model_is_mostly_block_linears_and_runs_thousands_of_steps():
-    opts = SCALES["cpu-long"].options()
+@pytest.mark.parametrize("name", ["cpu-long", "cpu-wide"])
+def test_cpu_long_model_is_mostly_block_linears_and_runs_thousands_of_steps(name):
+    opts = SCALES[name].options()
     model = recipe.build_model(opts, None)
     total = sum(p.numel() for p in model.parameters())
     blocks = sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(tuple(PLACEMENTS["gpt2"]["blocks"])))
     assert blocks / total > 0.85
     assert opts.max_steps >= 3000 and opts.eval_steps and opts.max_steps // opts.eval_steps >= 10
+    if name == "cpu-wide":  # cpu-long's data, length and batch, twice the width
+        long = SCALES["cpu-long"].options()
+        assert (opts.n_embd, opts.block_size, opts.per_device_train_batch_size, opts.max_steps) == (2 * long.n_embd, long.block_size, long.per_device_train_batch_size, long.max_steps)
 
 
 def test_flop_count():
