@@ -3,6 +3,7 @@
     python -m benchmarks.report runs/bench-cpu-long    # regenerate report.md and the plots from the JSON files
     python -m benchmarks.report --ablations runs/abl-* --reference runs/bench-cpu-long   # one table of many runs
     python -m benchmarks.report --paired runs/dense runs/abl-*    # per setting: seeds, mean, spread, ratio to full rank paired by seed
+    python -m benchmarks.report --paired runs/dense runs/rank-* --price-plot price.png   # and the price of rank, plotted
 
 ``hf_lowrank.report.write_report`` writes the table, the targets and the plots; this module adds
 two sections from the same ``rows/<name>/metrics.json`` files: for each row, the steps, training
@@ -221,15 +222,64 @@ def paired_table(settings: list[str | Path]) -> str:
     return "\n".join(lines)
 
 
+def plot_price(settings: list[str | Path], path: str | Path) -> Path:
+    """Two panels, one point per row and setting: mean perplexity against the placement's weights
+    (over dense) and against measured training time; full rank's seed mean as a line.
+
+    Times of runs made two at a time, or on a loaded machine, are not comparable with each
+    other: the time panel shows what each run took, not a speed ratio (those come from the
+    side-by-side tools).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = paired_rows(settings)
+    full = [p for p in rows if p["row"]["name"] == "full"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for p in rows:  # one series per strategy and setting; the rank is the x axis, not part of the series
+        if p["row"]["name"] != "full":
+            setting = ", ".join(f"{k}={v}" for k, v in (p["meta"].get("ablation") or {}).items() if k != "rank")
+            by_label.setdefault(p["row"]["label"] + (f" ({setting})" if setting else ""), []).append(p)
+    for label, points in sorted(by_label.items()):
+        points = sorted(points, key=lambda p: placement_ratio(p["row"]))
+        weights = [placement_ratio(p["row"]) for p in points]
+        seconds = [sum(p["by_seed"][s]["train_seconds"] for s in p["seeds"]) / len(p["seeds"]) for p in points]
+        means = [p["mean"] for p in points]
+        axes[0].plot(weights, means, "o-", label=label)
+        axes[1].plot(seconds, means, "o", label=label)
+    for p in full:
+        for ax in axes:
+            ax.axhline(p["mean"], color="black", lw=1, ls="--", label=f"full rank (mean of seeds {','.join(map(str, p['seeds']))})")
+    axes[0].set_xlabel("low-rank layers' weights / dense")
+    axes[1].set_xlabel("training time per run (s; runs two at a time: not a speed ratio)")
+    axes[0].set_ylabel("eval perplexity (mean over seeds)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(3, len(unique)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="*", help="a benchmark directory (holds rows/)")
     parser.add_argument("--ablations", nargs="+", default=None, metavar="DIR", help="print one table of every row of these directories")
     parser.add_argument("--reference", default=None, metavar="DIR", help="with --ablations: the directory whose full-rank row ratios are taken against")
     parser.add_argument("--paired", nargs="+", default=None, metavar="DIR", help="one table of these settings (folders of seed-<N> runs) with ratios to full rank paired by seed")
+    parser.add_argument("--price-plot", default=None, metavar="PNG", help="with --paired: plot perplexity against the low-rank layers' weights and training time")
     args = parser.parse_args(argv)
     if args.paired:
         print(paired_table(args.paired))
+        if args.price_plot:
+            print(f"plot: {plot_price(args.paired, args.price_plot)}")
         return
     if args.ablations:
         if not args.reference:

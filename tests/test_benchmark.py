@@ -324,3 +324,10 @@ def test_seeds_run_the_benchmark_per_seed_and_pair_ratios_by_seed(tmp_path):
             bench.parse_seeds(bad, {})
     with pytest.raises(ValueError, match="not both"):
         bench.parse_seeds("0,1", {"seed": 3})
+
+
+def test_price_plot_has_one_point_per_setting(tmp_path):
+    from benchmarks.report import plot_price
+
+    bench.run_seeds("cpu", tmp_path / "s", ["full", "spectral"], TINY, [0], 0.25, False, None, {})
+    assert plot_price([tmp_path / "s"], tmp_path / "price.png").stat().st_size > 10_000
