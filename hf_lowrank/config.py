@@ -20,7 +20,7 @@ CONFIG_NAME = "lowrank_config.json"
 MODES = ("dense", "factorized", "residual")
 RESIDUAL_BASES = ("model", "orthogonal")
 INITS = ("auto", "kaiming", "spectral", "spectral-ones", "zero_b")
-REBALANCE_MOMENTS = ("keep", "reset")
+REBALANCE_MOMENTS = ("keep", "rotate", "reset")
 
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
@@ -163,8 +163,10 @@ class LowRankConfig:
     rebalance_moments: str = field(
         default="keep",
         metadata={
-            "help": "What a re-balance does to the factors' optimizer state: 'keep' (moments stay as they are) or "
-            "'reset' (dropped: the next step starts them and their bias correction afresh, as LORO does)."
+            "help": "What a re-balance does to the factors' optimizer state: 'keep' (moments stay as they are, in the "
+            "old basis), 'rotate' (Adam's moments carried into the new basis: first moments exactly, second moments "
+            "through the squared map) or 'reset' (dropped: the next step starts them and their bias correction "
+            "afresh, as LORO does)."
         },
     )
     factor_weight_decay: Union[float, None] = field(

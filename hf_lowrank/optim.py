@@ -192,17 +192,18 @@ REBALANCE_TOLERANCE = 1e-6  # a pair whose smallest singular value is below this
 
 
 @torch.no_grad()
-def rebalance_factors(layer: LowRankLinear) -> bool:
+def rebalance_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Re-split the active product ``B A`` of a factorized layer into ``B' = Q_B U S^1/2``, ``A' = S^1/2 V^T Q_A^T``.
 
     ``B = Q_B R_B`` and ``A^T = Q_A R_A`` (reduced QR) and ``R_B R_A^T = U S V^T`` (an (r, r)
     SVD), so ``B' A' = B A`` up to float32 rounding, and both factors then have Gram matrix
     ``S``: the balance that gradient steps on a factor pair drift away from. In float32 whatever
-    the parameters' dtype. Returns False, changing nothing, when the pair is rank-deficient
-    (a singular value below ``REBALANCE_TOLERANCE`` of the largest, e.g. components InRank has
-    just grown with ``B = 0``, which a re-split would zero in both factors) or the result is
-    not finite. FSDP2 shards are gathered, re-split whole (the same on every process) and
-    written back as shards.
+    the parameters' dtype. Returns the change of basis ``(M, N)``, ``B' = B M`` and ``A' = N A``
+    with ``M N = I`` (float32, (r, r)), or None, changing nothing, when the pair is
+    rank-deficient (a singular value below ``REBALANCE_TOLERANCE`` of the largest, e.g.
+    components InRank has just grown with ``B = 0``, which a re-split would zero in both
+    factors) or the result is not finite. FSDP2 shards are gathered, re-split whole (the same
+    on every process) and written back as shards.
     """
     k = layer.rank
     B_whole, A_whole = _whole(layer.B), _whole(layer.A)
@@ -211,36 +212,70 @@ def rebalance_factors(layer: LowRankLinear) -> bool:
     q_a, r_a = torch.linalg.qr(A.T)  # (in, k), (k, k)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
     if not bool(torch.isfinite(s).all()) or s[-1] <= REBALANCE_TOLERANCE * s[0]:
-        return False
+        return None
     root = s.sqrt()
     new_b, new_a = q_b @ (u * root), (root[:, None] * vh) @ q_a.T
-    if not (bool(torch.isfinite(new_b).all()) and bool(torch.isfinite(new_a).all())):
-        return False
+    # B' = Q_B U S^1/2 = B R_B^-1 U S^1/2 and A' = S^-1/2 U^T R_B A: R_B is invertible when S is not singular
+    m = torch.linalg.solve_triangular(r_b, u * root, upper=True)
+    n = (u / root).T @ r_b
+    if not all(bool(torch.isfinite(t).all()) for t in (new_b, new_a, m, n)):
+        return None
     B_whole[:, :k].copy_(new_b.to(B_whole.dtype))
     A_whole[:k].copy_(new_a.to(A_whole.dtype))
     _write_back(layer.B, B_whole)
     _write_back(layer.A, A_whole)
-    return True
+    return m, n
+
+
+def _rotate_moments(state: dict[str, Any], left: bool, k: int, t: torch.Tensor) -> None:
+    """Carry one factor's Adam moments into the new basis: first moments exactly, second moments diagonally.
+
+    A gradient of ``B`` becomes ``g N^T`` and one of ``A`` becomes ``M^T g``; ``t`` is that (r, r)
+    map (``N^T`` for ``B``, ``M^T`` for ``A``). Second moments take the map's squares (the
+    variance of a sum of independent coordinates), which keeps them non-negative.
+    """
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key not in state or not torch.is_tensor(state[key]) or state[key].dim() != 2:
+            continue
+        target = state[key]
+        whole = _whole(target)
+        part = whole[:k] if left else whole[:, :k]
+        mapping = t if key == "exp_avg" else t * t
+        moved = mapping @ part.float() if left else part.float() @ mapping
+        part.copy_(moved.to(part.dtype))
+        _write_back(target, whole)
 
 
 def rebalance(layers: dict[str, LowRankLinear], optimizer: Any = None, moments: str = "keep") -> list[str]:
     """Re-balance every factorized layer (:func:`rebalance_factors`); returns the names of those re-split.
 
-    ``moments``: ``"keep"`` leaves the optimizer's state of ``A`` and ``B`` as it is (the moments
-    stay in the old basis); ``"reset"`` drops it, so the next step starts those factors' moments
-    and bias correction afresh (what LORO does at its exact steps). Residual adapters and dense
-    layers are left alone.
+    ``moments`` says what happens to the optimizer's state of ``A`` and ``B``: ``"keep"`` leaves
+    it as it is (in the old basis); ``"rotate"`` carries Adam's moments into the new basis (first
+    moments exactly, as the gradients of the new factors would have been; second moments through
+    the squared map, a diagonal approximation); ``"reset"`` drops it, so the next step starts
+    those factors' moments and bias correction afresh (what LORO does at its exact steps).
+    Residual adapters and dense layers are left alone.
     """
     if moments not in REBALANCE_MOMENTS:
         raise ValueError(f"rebalance moments={moments!r} is not allowed; give one of {REBALANCE_MOMENTS}.")
     done = []
+    state = inner_optimizer(optimizer).state if optimizer is not None else {}
     for name, layer in layers.items():
-        if layer.mode == "factorized" and rebalance_factors(layer):
-            done.append(name)
-            if moments == "reset" and optimizer is not None:
-                state = inner_optimizer(optimizer).state
-                for p in (layer.A, layer.B):
-                    state.pop(p, None)
+        if layer.mode != "factorized":
+            continue
+        change = rebalance_factors(layer)
+        if change is None:
+            continue
+        done.append(name)
+        m, n = change
+        if moments == "reset":
+            for p in (layer.A, layer.B):
+                state.pop(p, None)
+        elif moments == "rotate":
+            if layer.B in state:
+                _rotate_moments(state[layer.B], left=False, k=layer.rank, t=n.T)
+            if layer.A in state:
+                _rotate_moments(state[layer.A], left=True, k=layer.rank, t=m.T)
     return done
 
 

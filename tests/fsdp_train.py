@@ -39,9 +39,9 @@ SCENARIOS = {
     # InRank: ranks grow from step 4, stage 2 truncates at step 6 and freezes them.
     "inrank": ({"strategy": "inrank", "strategy_args": {"warmup_steps": 4, "interval": 2, "stage2_at": 0.5}}, 8),
     # InRank with preconditioned factors: the factors and their gradient shards are gathered every step;
-    # every 3 steps the factor pairs are re-balanced (gathered, re-split whole, written back as shards).
+    # every 3 steps the factor pairs are re-balanced and Adam's moments rotated (gathered, re-split whole, written back as shards).
     "inrank_precondition": (
-        {"strategy": "inrank", "precondition": True, "rebalance_every": 3, "strategy_args": {"warmup_steps": 4, "interval": 2, "stage2_at": 0.5}}, 8,
+        {"strategy": "inrank", "precondition": True, "rebalance_every": 3, "rebalance_moments": "rotate", "strategy_args": {"warmup_steps": 4, "interval": 2, "stage2_at": 0.5}}, 8,
     ),
     # Cuttlefish: dense, stable ranks measured every 2 steps, every layer factorized at the switch (step 6 at the latest).
     "cuttlefish": (

@@ -310,6 +310,7 @@ def test_rebalance_leaves_rank_deficient_pairs_and_adapters_alone():
     adapter.to_residual(rank=4)
     saved = {k: v.clone() for k, v in {"gB": grown.B, "gA": grown.A, "aB": adapter.B, "aA": adapter.A}.items()}
     assert optim.rebalance({"grown": grown, "adapter": adapter}) == []
+    assert optim.rebalance_factors(grown) is None
     for key, layer_t in {"gB": grown.B, "gA": grown.A, "aB": adapter.B, "aA": adapter.A}.items():
         assert torch.equal(layer_t, saved[key]), key
 
@@ -326,8 +327,40 @@ def test_rebalance_moments_keep_or_reset():
         layer(torch.randn(4, 12)).sum().backward()
         opt.step()  # a reset state starts afresh, bias correction included
         assert int(opt.state[layer.B]["step"]) == (2 if kept else 1)
-    with pytest.raises(ValueError, match="rotate"):
-        optim.rebalance({"l": layer}, opt, "rotate")
+    with pytest.raises(ValueError, match="bogus"):
+        optim.rebalance({"l": layer}, opt, "bogus")
+
+
+def test_rebalance_rotates_first_moments_exactly_into_the_new_basis():
+    """B' = B M, A' = N A with M N = I; a gradient of the new factors is grad_B N^T and M^T grad_A,
+    so rotated first moments are what Adam would hold had it trained the new factors all along."""
+    layer = unbalanced_layer()
+    x = torch.randn(16, 12)
+    layer(x).pow(2).sum().backward()
+    grad_b, grad_a = layer.B.grad.clone(), layer.A.grad.clone()
+    B, A = layer.B.detach().clone(), layer.A.detach().clone()
+    m, n = optim.rebalance_factors(layer)
+    torch.testing.assert_close(m @ n, torch.eye(6), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(B @ m, layer.B.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(n @ A, layer.A.detach(), rtol=1e-4, atol=1e-5)
+    layer.zero_grad()
+    layer(x).pow(2).sum().backward()  # the same function, so the same dL/dW: the new factors' gradients
+    torch.testing.assert_close(layer.B.grad, grad_b @ n.T, rtol=1e-3, atol=1e-3 * grad_b.abs().max().item())
+    torch.testing.assert_close(layer.A.grad, m.T @ grad_a, rtol=1e-3, atol=1e-3 * grad_a.abs().max().item())
+
+    layer = unbalanced_layer()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    m_b, m_a, v_b = (opt.state[p][k].clone() for p, k in ((layer.B, "exp_avg"), (layer.A, "exp_avg"), (layer.B, "exp_avg_sq")))
+    B, A = layer.B.detach().clone(), layer.A.detach().clone()
+    optim.rebalance({"l": layer}, opt, "rotate")
+    n = torch.linalg.lstsq(A.T, layer.A.detach().T).solution.T  # A' = N A
+    m = torch.linalg.lstsq(B, layer.B.detach()).solution  # B' = B M
+    torch.testing.assert_close(opt.state[layer.B]["exp_avg"], m_b @ n.T, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(opt.state[layer.A]["exp_avg"], m.T @ m_a, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(opt.state[layer.B]["exp_avg_sq"], v_b @ (n * n).T, rtol=1e-3, atol=1e-9)
+    assert (opt.state[layer.B]["exp_avg_sq"] >= 0).all()
 
 
 def test_update_ranks_rebalances_every_k_steps_in_a_plain_loop():
@@ -371,7 +404,7 @@ def test_factor_weight_decay_sets_the_factor_groups():
     [
         ("rebalance_every", -1, "rebalance_every=-1"),
         ("rebalance_every", 2.5, "rebalance_every=2.5"),
-        ("rebalance_moments", "rotate", "rebalance_moments='rotate'"),
+        ("rebalance_moments", "rotated", "rebalance_moments='rotated'"),
         ("factor_weight_decay", -0.1, "factor_weight_decay=-0.1"),
         ("precondition_damping", 2.0, "precondition_damping=2.0"),
     ],
