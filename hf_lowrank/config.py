@@ -13,7 +13,7 @@ from . import __version__
 from .checks import check_choice, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
 from .files import read_json, write_json
 from .hub import push_folder, resolve_file
-from .strategies import get_strategy
+from .strategies import find_strategy, get_strategy
 
 CONFIG_NAME = "lowrank_config.json"
 
@@ -212,7 +212,10 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
             raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
-        get_strategy(self.strategy).Args.from_dict(self.strategy_args)  # validates the name, the keys and the values
+        if find_strategy(self.strategy) is not None or not self.rank_pattern:
+            # validates the name, the keys and the values; a saved layout (rank_pattern) loads without its strategy,
+            # which is checked when training needs it (loading never imports the module a file names)
+            get_strategy(self.strategy).Args.from_dict(self.strategy_args)
         problem = _rank_pattern_problem(self.rank_pattern)
         if problem:
             raise ValueError(
@@ -237,6 +240,8 @@ class LowRankConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> "LowRankConfig":
         """Build from a dict, rejecting unknown keys with the list of known ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: holds a {type(data).__name__}, not a mapping of LowRankConfig fields; save the model again.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -17,7 +17,7 @@ from .card import push_model
 from .checks import check_int
 from .config import LowRankConfig
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import LayerChange, Plan, RankStrategy, TrainContext, get_strategy
+from .strategies import LayerChange, Plan, RankStrategy, TrainContext, UnavailableStrategy, find_strategy, get_strategy
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
 
@@ -107,7 +107,11 @@ class LowRankModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.lowrank_config = config
-        self.strategy: RankStrategy = get_strategy(config.strategy)(config)
+        # Never imports: a saved layout (rank_pattern) loads without its strategy, which training then asks for.
+        known = find_strategy(config.strategy)
+        if known is None and not config.rank_pattern:
+            known = get_strategy(config.strategy)  # raises, saying how to provide it
+        self.strategy: RankStrategy = known(config) if known is not None else UnavailableStrategy(config)
         self.lr_adjust = optim.LrAdjust()
         self.plan_history: list[dict[str, Any]] = []
         self.decision_seconds = 0.0
@@ -234,6 +238,8 @@ class LowRankModel(nn.Module):
         """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
         if labels is not None:
             kwargs["labels"] = labels
+        if self.training and not self._bound and torch.is_grad_enabled() and isinstance(self.strategy, UnavailableStrategy):
+            raise ValueError(self.strategy.message)
         if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
             raise RuntimeError(
                 f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
@@ -581,15 +587,20 @@ class LowRankModel(nn.Module):
         *,
         base_model: nn.Module | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
         **hub_kwargs: Any,
     ) -> "LowRankModel":
         """Rebuild a saved LowRankModel (folder or Hub repo): shapes from the rank pattern, then tensors.
 
         ``dtype`` casts it; an adapter-only save loads onto ``base_model`` or the local base
-        folder it names. See :func:`hf_lowrank.saving.load`.
+        folder it names. The saved strategy is never imported: a ``"module:Class"`` strategy whose
+        module is not imported yet loads for inference, ``summary`` and merging, and training it
+        asks for the module; ``trust_remote_code=True`` imports it (running its code). See
+        :func:`hf_lowrank.saving.load`.
         """
         return saving.load(
-            cls, path_or_repo_id, model_class, dtype, base_model=base_model, torch_dtype=torch_dtype, **hub_kwargs
+            cls, path_or_repo_id, model_class, dtype, base_model=base_model, torch_dtype=torch_dtype,
+            trust_remote_code=trust_remote_code, **hub_kwargs
         )
 
     def push_to_hub(self, repo_id: str, metrics: dict[str, Any] | None = None, **kwargs: Any):

@@ -37,6 +37,7 @@ from .files import (
     write_weights,
 )
 from .hub import resolve_folder
+from .strategies import get_strategy
 from .layer import SUPPORTED_TYPES
 
 if TYPE_CHECKING:
@@ -379,6 +380,7 @@ def load(
     *,
     base_model: nn.Module | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
     **hub_kwargs: Any,
 ) -> "LowRankModel":
     """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors.
@@ -422,7 +424,10 @@ def load(
         model_class = getattr(transformers, arch, None) if arch else None
         if model_class is None:
             raise ValueError(f"{folder / 'config.json'}: no known 'architectures' entry ({arch!r}); pass model_class=.")
-    config = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+    data = read_json(folder / CONFIG_NAME)
+    if trust_remote_code and isinstance(data, dict):  # the user's opt-in: import a "module:Class" strategy it names
+        get_strategy(data.get("strategy"), trust_remote_code=True)
+    config = LowRankConfig.from_dict(data, source=str(folder / CONFIG_NAME))
     if not adapter:
         model = model_class(model_config)
     elif base_model is not None:

@@ -154,28 +154,67 @@ def register_strategy(cls: type["RankStrategy"]) -> type["RankStrategy"]:
     return cls
 
 
-def get_strategy(name: Any) -> type["RankStrategy"]:
-    """The strategy class registered under ``name``.
+def _registered_as(module: str, attr: str) -> type["RankStrategy"] | None:
+    """The registered class defined as ``attr`` in ``module``, found without importing anything."""
+    for cls in REGISTRY.values():
+        if cls.__module__ == module and cls.__qualname__ == attr:
+            return cls
+    return None
 
-    ``name`` may also be ``"package.module:Class"``: the module is imported (which registers
-    the class) and the class is returned, so a recipe can use a strategy from the user's code.
-    """
-    if isinstance(name, str) and ":" in name and name not in REGISTRY:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            fail("LowRankConfig.strategy", name, f"'module:Class' must name an importable RankStrategy subclass ({e})")
-        if not (isinstance(cls, type) and issubclass(cls, RankStrategy)):
-            fail("LowRankConfig.strategy", name, "'module:Class' must name a RankStrategy subclass")
-        return cls
-    if not isinstance(name, str) or name not in REGISTRY:
-        fail(
-            "LowRankConfig.strategy",
-            name,
-            f"choose one of {sorted(REGISTRY)}, or 'module:Class' for a RankStrategy defined in your own code",
+
+def unavailable_message(name: Any) -> str:
+    """Why ``name`` names no strategy of this process, and the ways to provide it."""
+    if isinstance(name, str) and ":" in name:
+        module = name.partition(":")[0]
+        return (
+            f"no strategy is registered as {name!r}, and hf_lowrank never imports a module that a config, a recipe or a "
+            f"saved model names (that would run its code). Import it yourself first (import {module}; its RankStrategy "
+            "subclass registers on import), or opt in to the import: hf_lowrank.get_strategy(name, trust_remote_code=True) "
+            "before building the config, LowRankModel.from_pretrained(..., trust_remote_code=True), or "
+            "hf-lowrank train --trust_remote_code (which also finds modules in the working directory; else set PYTHONPATH)"
         )
-    return REGISTRY[name]
+    return (
+        f"choose one of {sorted(REGISTRY)}, or import the module that defines your strategy first (a RankStrategy subclass "
+        "registers its name on import), or name it 'module:Class' with trust_remote_code=True"
+    )
+
+
+def find_strategy(name: Any) -> type["RankStrategy"] | None:
+    """The strategy class ``name`` names if this process has it registered, else None; never imports.
+
+    ``name`` is a registered name (``"inrank"``) or ``"module:Class"`` of a class already
+    registered, i.e. whose module the user's own code has imported.
+    """
+    if not isinstance(name, str) or not name:
+        fail("LowRankConfig.strategy", name, f"give a strategy name, one of {sorted(REGISTRY)}, or 'module:Class'")
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return _registered_as(module, attr)
+    return None
+
+
+def get_strategy(name: Any, trust_remote_code: bool = False) -> type["RankStrategy"]:
+    """The strategy class registered under ``name`` (a registered name or ``"package.module:Class"``).
+
+    A ``"module:Class"`` strategy is found when its module is already imported (which
+    registered the class). Only with ``trust_remote_code=True`` is the module imported here,
+    running its code: never do that for a name read from a file you did not write.
+    """
+    cls = find_strategy(name)
+    if cls is not None:
+        return cls
+    if not (trust_remote_code and ":" in name):
+        fail("LowRankConfig.strategy", name, unavailable_message(name))
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        fail("LowRankConfig.strategy", name, f"'module:Class' must name an importable RankStrategy subclass ({e}); put its folder on PYTHONPATH")
+    if not (isinstance(cls, type) and issubclass(cls, RankStrategy)):
+        fail("LowRankConfig.strategy", name, "'module:Class' must name a RankStrategy subclass")
+    return cls
 
 
 class RankStrategy:
@@ -283,3 +322,40 @@ class RankStrategy:
                 f"(max_steps={max_steps}); give a fraction in [0, 1] or a step <= {max_steps}."
             )
         return step
+
+
+class UnavailableStrategy(RankStrategy):
+    """Stands in for a strategy this process does not have, on a model loaded with its saved layout.
+
+    Inference, ``summary``, ``merge_and_unload`` and saving need only the layout, which the
+    saved rank pattern gives; training (and restoring the strategy's state) needs the
+    strategy itself, and is refused with how to provide it. Not registered (no ``name``).
+    """
+
+    def __init__(self, config: "LowRankConfig"):
+        self.config = config
+        self.args = None
+        self.context = None
+
+    @property
+    def message(self) -> str:
+        return (
+            f"LowRankConfig.strategy={self.config.strategy!r}: this model was trained with a strategy this process does "
+            f"not have. Loading, inference, inspect and merge work without it; training or resuming needs it: "
+            f"{unavailable_message(self.config.strategy)}."
+        )
+
+    def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        raise ValueError(self.message)
+
+    def bind(self, context: TrainContext) -> None:
+        raise ValueError(self.message)
+
+    def is_final(self) -> bool:
+        return False  # it cannot say; training is refused in bind
+
+    def state_dict(self) -> dict[str, Any]:
+        raise ValueError(self.message)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError(self.message)

@@ -1,0 +1,107 @@
+"""A model folder, a checkpoint and a recipe are untrusted data: loading runs none of their code.
+
+A saved ``lowrank_config.json`` naming ``"module:Class"`` never imports that module: the
+model loads with its saved layout (inference, summary, merge, inspect), training asks for
+the strategy, and ``trust_remote_code=True`` is the one opt-in that imports it.
+"""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import build, logits, sample_ids
+
+from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
+from hf_lowrank.cli import TrainOptions, _import_strategy, main
+from hf_lowrank.options import RecipeOptions
+from hf_lowrank.strategies import REGISTRY, UnavailableStrategy, get_strategy
+
+PLUGIN = '''
+from pathlib import Path
+from hf_lowrank.strategies import RankStrategy
+Path(__file__).with_name("imported").write_text("the plugin's top-level code ran")
+
+class S(RankStrategy):
+    name = "plugin_s"
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """An importable ``lowrank_plugin`` whose top-level code leaves a file behind when it runs."""
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "lowrank_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    sys.modules.pop("lowrank_plugin", None)
+    REGISTRY.pop("plugin_s", None)
+
+
+def saved_with_strategy(tmp_path, strategy: str):
+    """A saved model whose lowrank_config.json names ``strategy`` (as a model trained with it would)."""
+    model = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["c_fc"], rank=4))
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    data = json.loads((folder / "lowrank_config.json").read_text())
+    (folder / "lowrank_config.json").write_text(json.dumps({**data, "strategy": strategy, "strategy_args": {"k": 1}}))
+    return model, folder
+
+
+def test_loading_never_imports_the_module_a_config_names(plugin, tmp_path, capsys):
+    model, folder = saved_with_strategy(tmp_path, "lowrank_plugin:S")
+    loaded = LowRankModel.from_pretrained(folder)
+    assert not (plugin / "imported").exists() and "lowrank_plugin" not in sys.modules
+    assert isinstance(loaded.strategy, UnavailableStrategy)
+    ids = sample_ids()
+    torch.testing.assert_close(logits(loaded, ids), logits(model.eval(), ids))  # inference needs only the layout
+    assert "c_fc" in loaded.summary()
+    torch.testing.assert_close(logits(loaded.merge_and_unload(), ids), logits(model, ids))
+    assert main(["inspect", str(folder)]) == 0 and "c_fc" in capsys.readouterr().out  # no traceback
+    out = tmp_path / "merged"
+    assert main(["merge", str(folder), str(out)]) == 0 and (out / "config.json").is_file()
+    assert not (plugin / "imported").exists()
+    # Training asks for the strategy and says how to provide it.
+    with pytest.raises(ValueError, match=r"import lowrank_plugin.*trust_remote_code"):
+        LowRankModel.from_pretrained(folder).train()(input_ids=ids)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        LowRankModel.from_pretrained(folder).bind_training(10)
+
+
+def test_zen_of_python_is_not_printed(tmp_path, capsys):
+    _, folder = saved_with_strategy(tmp_path, "this:X")
+    sys.modules.pop("this", None)
+    LowRankModel.from_pretrained(folder)
+    assert "Beautiful is better" not in capsys.readouterr().out and "this" not in sys.modules
+
+
+def test_a_new_config_naming_an_unimported_module_is_refused_without_importing(plugin):
+    with pytest.raises(ValueError, match=r"never imports a module.*import lowrank_plugin.*trust_remote_code"):
+        LowRankConfig(strategy="lowrank_plugin:S")
+    assert not (plugin / "imported").exists()
+
+
+def test_opting_in_imports_the_strategy(plugin, tmp_path):
+    _, folder = saved_with_strategy(tmp_path, "lowrank_plugin:S")
+    data = json.loads((folder / "lowrank_config.json").read_text())
+    (folder / "lowrank_config.json").write_text(json.dumps({**data, "strategy_args": {}}))
+    loaded = LowRankModel.from_pretrained(folder, trust_remote_code=True)
+    assert (plugin / "imported").exists() and type(loaded.strategy).__name__ == "S"
+    # Once imported (the user's own import does the same), the name resolves without the opt-in.
+    assert get_strategy("lowrank_plugin:S") is type(loaded.strategy)
+    assert LowRankConfig(strategy="lowrank_plugin:S").strategy == "lowrank_plugin:S"
+
+
+def test_cli_train_imports_only_with_the_flag_and_finds_the_working_directory(plugin, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(plugin)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(plugin)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: clm\nlowrank:\n  strategy: lowrank_plugin:S\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(recipe)])
+    assert e.value.code == 2 and "--trust_remote_code" in capsys.readouterr().err
+    assert not (plugin / "imported").exists()
+    _import_strategy(TrainOptions(config=str(recipe), trust_remote_code=True))  # what train --trust_remote_code does first
+    assert (plugin / "imported").exists()
+    assert RecipeOptions.from_yaml(recipe).lowrank_config.strategy == "lowrank_plugin:S"
