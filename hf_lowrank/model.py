@@ -14,10 +14,19 @@ from torch import nn
 
 from . import distributed, fsdp, optim, saving
 from .card import push_model
-from .checks import check_int
+from .checks import check_int, is_number
 from .config import LowRankConfig
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import LayerChange, Plan, RankStrategy, TrainContext, UnavailableStrategy, find_strategy, get_strategy
+from .strategies import (
+    LayerChange,
+    Plan,
+    RankStrategy,
+    StateContext,
+    TrainContext,
+    UnavailableStrategy,
+    find_strategy,
+    get_strategy,
+)
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
 
@@ -403,9 +412,17 @@ class LowRankModel(nn.Module):
                 f"{source}: checkpoint was trained with strategy {state['strategy']!r}, "
                 f"this run uses {self.lowrank_config.strategy!r}."
             )
+        steps = [h.get("step") for h in state["plan_history"] if isinstance(h, dict)] if isinstance(state["plan_history"], list) else []
+        step = state.get("global_step")
+        ctx = StateContext(self.lowrank_layers(), step if isinstance(step, int) else None, frozenset(s for s in steps if isinstance(s, int)))
         try:
+            self.strategy.check_state(state["strategy_state"], ctx)  # names, sizes and steps against this model
             self.strategy.load_state_dict(state["strategy_state"])
             self.lr_adjust.load_state_dict(state)
+            if not (isinstance(state["plan_history"], list) and all(isinstance(h, dict) for h in state["plan_history"])):
+                raise ValueError(f"plan_history={str(state['plan_history'])[:80]!r} is not a list of plans")
+            if not is_number(state["decision_seconds"], 0.0, inclusive=True):
+                raise ValueError(f"decision_seconds={state['decision_seconds']!r} is not a number >= 0")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: malformed strategy_state or lr adjustment ({type(e).__name__}: {e}).") from e
         self.plan_history = list(state["plan_history"])

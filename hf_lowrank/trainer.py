@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils.generic import can_return_loss, find_labels
 
+from . import checkpoint as ckpt
 from . import distributed, fsdp, optim
 from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
@@ -188,7 +189,7 @@ class LowRankTrainer(Trainer):
             factors = {id(p) for layer in layers for p in (layer.A, layer.B) if p is not None}
             optim.split_factor_groups(optimizer, factors, self.model.lowrank_config.factor_lr_scale)
             optim.inner_optimizer(optimizer).register_step_pre_hook(self._skip_nonfinite)
-            self._built_optimizer = optimizer
+            self._built_optimizer = optim.inner_optimizer(optimizer)
         return optimizer
 
     def _skip_nonfinite(self, optimizer, args, kwargs) -> None:
@@ -225,10 +226,14 @@ class LowRankTrainer(Trainer):
             if main:
                 remove_stale_staging(self.args.output_dir)  # before the Trainer looks for the last checkpoint
             self.accelerator.wait_for_everyone()
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer's error
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                ckpt.check_complete(resume_from_checkpoint, self.args.world_size, self.args.process_index)
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _forget_previous_run(self) -> None:
-        if self.optimizer is not getattr(self, "_built_optimizer", None):
+        if optim.inner_optimizer(self.optimizer) is not getattr(self, "_built_optimizer", None):
             raise ValueError(
                 "resume_from_checkpoint with a trainer that has trained before and an optimizer passed to it "
                 "(optimizers=...): that optimizer holds the parameters of the current layout, not the checkpoint's. "
@@ -315,7 +320,7 @@ class LowRankTrainer(Trainer):
 
     def lowrank_state(self) -> dict[str, Any]:
         """Everything besides tensors that resuming needs (see ``LowRankModel.lowrank_state_dict``)."""
-        return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps}
+        return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps, "global_step": self.state.global_step}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save; under FSDP2 every process gathers the full model and process 0 writes it.
@@ -409,6 +414,19 @@ class LowRankTrainer(Trainer):
             self.model.load_weights(folder / WEIGHTS_NAME)
         self.model.load_lowrank_state_dict(state, source=str(state_file))
         self.nonfinite_steps = list(state.get("nonfinite_steps", []))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's load, after :meth:`_check_resumable` (files present, steps agree, optimizer state fits)."""
+        if checkpoint is not None and not fsdp.is_sharded(self.model):
+            self._check_resumable(Path(checkpoint))
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _check_resumable(self, folder: Path) -> None:
+        """Refuse a checkpoint that would not continue the same run (see :mod:`hf_lowrank.checkpoint`)."""
+        step = ckpt.saved_global_step(folder)
+        ckpt.check_step(folder, step, read_json(folder / STATE_NAME), str(folder / STATE_NAME))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        ckpt.check_optimizer_state(folder / ckpt.OPTIMIZER_NAME, optim.inner_optimizer(self.optimizer), names, step)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

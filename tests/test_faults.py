@@ -501,6 +501,73 @@ def test_resume_refuses_a_checkpoint_without_a_valid_strategy_state(tmp_path, ch
     assert trainer.state.global_step == 0, "refused before the first step"
 
 
+def _edit_optimizer(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    for entry in state["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if entry[key].dim() == 2:
+                entry[key] = edit(key, entry[key])
+    torch.save(state, path)
+
+
+RESUME_DAMAGE = {
+    # name: (damage, error, message)
+    "no_optimizer": (lambda c: (c / "optimizer.pt").unlink(), FileNotFoundError, r"optimizer\.pt: missing, so resuming would not continue the same run \(the optimizer's moments"),
+    "no_scheduler": (lambda c: (c / "scheduler.pt").unlink(), FileNotFoundError, r"scheduler\.pt: missing, .*schedule's position"),
+    "no_rng": (lambda c: (c / "rng_state.pth").unlink(), FileNotFoundError, r"rng_state\.pth: missing, .*random state"),
+    "no_trainer_state": (lambda c: (c / "trainer_state.json").unlink(), FileNotFoundError, r"trainer_state\.json: missing"),
+    "step_edited": (
+        lambda c: write_json(c / "trainer_state.json", {**read_json(c / "trainer_state.json"), "global_step": 3}),
+        ValueError, r"trainer_state\.json: global_step=3, but the folder is checkpoint-4",
+    ),
+    "lowrank_step_edited": (
+        lambda c: write_json(c / STATE_NAME, {**read_json(c / STATE_NAME), "global_step": 6}),
+        ValueError, r"lowrank_trainer_state\.json: global_step=6, but .*trainer_state\.json says 4",
+    ),
+    "moments_1x1": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: torch.zeros(1, 1)),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter base_model\.\S+ has shape \(1, 1\), the parameter \(",
+    ),
+    "moments_a_row_larger": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: torch.cat([t, t[:1]])),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter \S+ has shape",
+    ),
+    "inf_moment": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: t.fill_(math.inf) if k == "exp_avg_sq" else t),
+        ValueError, r"optimizer\.pt: 'exp_avg_sq' of parameter \S+ holds NaN or Inf",
+    ),
+    "moment_dtype": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: t.double()),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter \S+ has dtype torch\.float64",
+    ),
+    "optimizer_truncated": (
+        lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:300]),
+        ValueError, r"optimizer\.pt: not a readable torch file",
+    ),
+    "optimizer_not_a_state": (lambda c: torch.save([1, 2], c / "optimizer.pt"), ValueError, r"optimizer\.pt: not an optimizer state"),
+    "scheduler_step_edited": (
+        lambda c: torch.save({**torch.load(c / "scheduler.pt", weights_only=True), "last_epoch": 2}, c / "scheduler.pt"),
+        ValueError, r"scheduler\.pt: the schedule was saved at step 2, but .*global_step=4",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(RESUME_DAMAGE))
+def test_resume_refuses_a_checkpoint_that_would_not_continue_the_same_run(tmp_path, checkpoint, damage):
+    """Missing optimizer, scheduler or RNG state, an edited step, an optimizer state that does not fit the
+    parameters (a (1, 1) moment made torch's step crash the process): refused before the first step, naming the file."""
+    out = tmp_path / "run"
+    ckpt = out / checkpoint.name
+    shutil.copytree(checkpoint, ckpt)
+    edit, error, message = RESUME_DAMAGE[damage]
+    edit(ckpt)
+    trainer = build_trainer(out, SHORT, max_steps=8)
+    with pytest.raises(error, match=message) as e:
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert str(ckpt) in str(e.value)
+    assert not (out / "checkpoint-8").exists() and not any(x.get("step", 0) > 4 for x in trainer.state.log_history)
+
+
 # -- the best checkpoint survives rotation and a resume ------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -129,6 +130,78 @@ class TrainContext:
     device: str = "cpu"
     dtype: Any = None  # training compute dtype (bf16 under autocast), for profiling
     tokens_per_batch: int = 2048  # tokens in one micro-batch on one process, for profiling
+
+
+@dataclass
+class StateContext:
+    """What a saved strategy state is checked against: the model's layers, the checkpoint's step, the plan steps."""
+
+    layers: dict[str, LowRankLinear]
+    global_step: int | None = None
+    plan_steps: frozenset = frozenset()
+
+
+class StateFields:
+    """A strategy state read field by field; a bad value raises ``ValueError`` naming ``strategy_state.<field>``.
+
+    A checkpoint is untrusted data: ``"false"`` must not become True, nor ``10**12`` a rank.
+    """
+
+    def __init__(self, state: Any, keys: tuple[str, ...], ctx: StateContext | None = None):
+        if not isinstance(state, dict):
+            fail("strategy_state", type(state).__name__, f"give the dict state_dict() writes, with keys {list(keys)}")
+        missing, unknown = [k for k in keys if k not in state], sorted(set(state) - set(keys))
+        if missing or unknown:
+            fail("strategy_state", sorted(state), f"it needs exactly the keys {list(keys)} (missing {missing}, unknown {unknown})")
+        self.state, self.ctx = state, ctx
+
+    def bool(self, key: str) -> bool:
+        value = self.state[key]
+        if not isinstance(value, bool):
+            fail(f"strategy_state.{key}", value, "give true or false")
+        return value
+
+    def int(self, key: str, low: int = 0, high: int | None = None, value: Any = ..., field: str | None = None) -> int:
+        value = self.state[key] if value is ... else value
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)):
+            fail(field or f"strategy_state.{key}", value, f"give an int in [{low}, {'any' if high is None else high}]")
+        return value
+
+    def step(self, key: str, none: bool = True) -> int | None:
+        """A step of the run: None (if allowed) or an int in [0, global_step]."""
+        value = self.state[key]
+        if value is None and none:
+            return None
+        high = self.ctx.global_step if self.ctx is not None else None
+        return self.int(key, 0, high)
+
+    def number(self, value: Any, field: str, low: float = -math.inf) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            fail(field, value, f"give a finite number >= {low}")
+        return float(value)
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str:
+        value = self.state[key]
+        if value not in options:
+            fail(f"strategy_state.{key}", value, f"give one of {list(options)}")
+        return value
+
+    def layer_names(self, key: str, names: Any) -> list[str]:
+        """Names that must be low-rank layers of the model (checked when the model is known)."""
+        if not (isinstance(names, (list, dict)) and all(isinstance(n, str) for n in names)):
+            fail(f"strategy_state.{key}", names, "give layer names")
+        if self.ctx is not None:
+            unknown = sorted(set(names) - set(self.ctx.layers))
+            if unknown:
+                fail(f"strategy_state.{key}", unknown[:3], f"they are not low-rank layers of this model ({sorted(self.ctx.layers)[:3]}...)")
+        return list(names)
+
+    def layer_map(self, key: str) -> dict[str, Any]:
+        value = self.state[key]
+        if not isinstance(value, dict):
+            fail(f"strategy_state.{key}", type(value).__name__, "give a dict of layer names")
+        self.layer_names(key, value)
+        return value
 
 
 REGISTRY: dict[str, type["RankStrategy"]] = {}
@@ -311,6 +384,17 @@ class RankStrategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+        self.check_state(state)
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        """Raise ``ValueError`` naming ``strategy_state.<field>`` for a state ``load_state_dict`` must not take.
+
+        Types and ranges always; with ``ctx`` (as when resuming) also layer names, sizes and steps
+        against the model and the checkpoint. The default accepts only the empty state of a
+        strategy without state.
+        """
+        if type(self).state_dict is RankStrategy.state_dict:
+            StateFields(state, ())
 
     def fraction_to_step(self, value: float | int, name: str) -> int:
         """A schedule point given as a fraction of training (float <= 1) or an absolute step (int)."""
