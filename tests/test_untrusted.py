@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from conftest import build, logits, sample_ids
 
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
@@ -105,3 +106,36 @@ def test_cli_train_imports_only_with_the_flag_and_finds_the_working_directory(pl
     _import_strategy(TrainOptions(config=str(recipe), trust_remote_code=True))  # what train --trust_remote_code does first
     assert (plugin / "imported").exists()
     assert RecipeOptions.from_yaml(recipe).lowrank_config.strategy == "lowrank_plugin:S"
+
+
+# -- a corrupted config.json sizes nothing before it is checked ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"n_embd": 1048576}, r"builds transformer\.wte\.weight of shape \(96, 1048576\), but the weights hold \(96, 32\)"),  # 13 TB
+        ({"vocab_size": 10**9}, r"builds transformer\.wte\.weight of shape \(1000000000, 32\)"),  # 256 GB
+        ({"n_layer": 40}, r"builds transformer\.h\.2\.\S+ of shape .*, but the weights hold absent"),
+    ],
+)
+def test_config_sizes_are_checked_against_the_weights_before_allocating(tmp_path, edit, message):
+    _, folder = saved_with_strategy(tmp_path, "fixed")
+    data = json.loads((folder / "lowrank_config.json").read_text())
+    (folder / "lowrank_config.json").write_text(json.dumps({**data, "strategy_args": {}}))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=message + r".*nothing was allocated"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_architectures_must_name_a_model_class(tmp_path, monkeypatch):
+    _, folder = saved_with_strategy(tmp_path, "fixed")
+    called = []
+    monkeypatch.setattr(transformers, "pipeline", lambda *a, **k: called.append(a))
+    for arch in ("pipeline", "AutoConfig", "os"):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": [arch]}))
+        with pytest.raises(ValueError, match=rf"'architectures' names '{arch}', not a model class transformers' Auto mappings know"):
+            LowRankModel.from_pretrained(folder)
+    assert not called
