@@ -255,7 +255,10 @@ def train_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, r
             if not tokens or tokens[0].startswith("--"):
                 parser.verbs["train"].error(f"argument {key}: expected one argument")
             value = tokens.pop(0)
-        strategy_args[key[2:]] = yaml_value(value)  # its type is the strategy's, which validates it
+        try:
+            strategy_args[key[2:]] = yaml_value(value)  # its type is the strategy's, which validates it
+        except ValueError as e:
+            parser.verbs["train"].error(f"argument {key}: {e}")
     recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config", "trust_remote_code")}
     return {**recipe_keys, **strategy_args}, unknown
 

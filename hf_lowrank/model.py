@@ -112,8 +112,12 @@ class LowRankModel(nn.Module):
     optimizer step (``LowRankTrainer`` does both).
     """
 
-    def __init__(self, model: nn.Module, config: LowRankConfig):
+    def __init__(self, model: nn.Module, config: LowRankConfig, *, weights_follow: bool = False):
+        """``weights_follow``: the caller loads every tensor next (the loaders), so a saved rank pattern only
+        allocates shapes. Otherwise a rank pattern applied to a model's own weights keeps each layer's function
+        as far as the rank allows (balanced SVD split, as ``init="auto"`` does) and warns with the change."""
         super().__init__()
+        self._weights_follow = weights_follow
         self.base_model = model
         self.lowrank_config = config
         # Never imports: a saved layout (rank_pattern) loads without its strategy, which training then asks for.
@@ -149,7 +153,11 @@ class LowRankModel(nn.Module):
             module = self.base_model.get_submodule(name)
             layer = module if isinstance(module, LowRankLinear) else LowRankLinear(module)
             if config.rank_pattern:
-                layer.set_layout(LayerSpec(**config.rank_pattern[name]))
+                spec = LayerSpec(**config.rank_pattern[name])
+                if spec.mode == "factorized" and layer.mode == "dense" and not self._weights_follow:
+                    self._factorize_keeping(name, layer, spec)  # set_layout would zero B: the layer's function lost
+                else:
+                    layer.set_layout(spec)
             else:
                 self._initialise(name, layer)
             parent, _, child = name.rpartition(".")
@@ -178,6 +186,13 @@ class LowRankModel(nn.Module):
         elif spec.mode == "residual":
             layer.to_residual(spec.rank, spec.capacity, base=c.residual_base, init_scale=c.init_scale)
             layer.scaling = spec.scaling
+
+    def _factorize_keeping(self, name: str, layer: LowRankLinear, spec: LayerSpec) -> None:
+        """A saved layout on a model's own weights: the SVD split of the weight at the saved rank, change recorded."""
+        before = layer.dense_weight()
+        layer.init_factorized(spec.rank, spec.capacity, init="spectral", zero_inactive=self.strategy.zero_inactive)
+        change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
+        self.init_report[name] = float(change)
 
     def _report_init(self) -> None:
         """Warn when factorizing pretrained weights changed the model's function (a truncation cannot keep it)."""

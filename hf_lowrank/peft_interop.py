@@ -376,7 +376,7 @@ def import_peft_adapter(
         base_model_name_or_path=settings["base_model_name_or_path"] or cfg.get("base_model_name_or_path")
         or getattr(getattr(base_model, "config", None), "_name_or_path", None) or None,
     )
-    model = LowRankModel(base_model, LowRankConfig.from_dict(settings, source="import_peft_adapter"))
+    model = LowRankModel(base_model, LowRankConfig.from_dict(settings, source="import_peft_adapter"), weights_follow=True)
     layers = model.lowrank_layers()
     with torch.no_grad():
         for name, pair in pairs.items():

@@ -358,7 +358,7 @@ def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folde
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         try:
-            wrapped = wrapper(model, config)
+            wrapped = wrapper(model, config, weights_follow=True)
         except ValueError as e:  # a rank pattern that does not fit the architecture
             raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
         load_weights(wrapped, folder)

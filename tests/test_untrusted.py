@@ -15,7 +15,7 @@ from conftest import build, logits, sample_ids
 
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
 from hf_lowrank.cli import TrainOptions, _import_strategy, main
-from hf_lowrank.options import RecipeOptions
+from hf_lowrank.options import RecipeError, RecipeOptions
 from hf_lowrank.strategies import REGISTRY, UnavailableStrategy, get_strategy
 
 PLUGIN = '''
@@ -139,3 +139,69 @@ def test_architectures_must_name_a_model_class(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=rf"'architectures' names '{arch}', not a model class transformers' Auto mappings know"):
             LowRankModel.from_pretrained(folder)
     assert not called
+
+
+# -- a saved config reused on another model keeps its weights' function ---------------------------
+
+
+def test_a_saved_rank_pattern_on_a_new_model_keeps_the_function_it_can(tmp_path):
+    """It used to go through set_layout, which set B = 0 without a word (||W|| 2.54 -> ||B A|| 0.0)."""
+    saved = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["c_fc"], rank=4))
+    saved.save_pretrained(tmp_path / "m")
+    config = LowRankConfig.from_pretrained(tmp_path / "m")
+    plain = build("gpt2")
+    dense = {n: m.weight.detach().t().clone() for n, m in plain.named_modules() if n.endswith("c_fc")}
+    with pytest.warns(UserWarning, match=r"changed their weights by .*mode='residual'"):
+        model = get_lowrank_model(plain, config)
+    assert set(model.init_report) == set(dense)
+    for name, layer in model.lowrank_layers().items():
+        approx = layer.dense_weight()
+        best = torch.linalg.svdvals(dense[name])[:4].square().sum().sqrt()  # the best rank-4 approximation's norm
+        assert layer.rank == 4 and float(approx.norm()) == pytest.approx(float(best), rel=1e-4), "the SVD split, not B = 0"
+    # At full rank the split is exact: the function is kept.
+    full = {n: {**s, "rank": 32, "capacity": 32} for n, s in config.rank_pattern.items()}
+    exact = LowRankConfig.from_dict({**config.to_dict(), "rank_pattern": full})
+    ids = sample_ids()
+    reference = logits(build("gpt2"), ids)
+    torch.testing.assert_close(logits(get_lowrank_model(build("gpt2"), exact), ids), reference, atol=1e-4, rtol=1e-4)
+
+
+# -- recipes: no alias bomb, no duplicate key, no value printed whole -----------------------------
+
+BOMB = "lowrank:\n  target_modules: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  k{i}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(BOMB)
+    assert len(BOMB) < 600
+    with pytest.raises(RecipeError, match=r"bomb\.yaml:3:\d+: invalid YAML \(alias \*a is not allowed in a recipe") as e:
+        RecipeOptions.from_yaml(recipe)
+    assert len(str(e.value)) < 300
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("task: clm\nmax_steps: 10\nlowrank:\n  rank: 4\nmax_steps: 20\n")
+    with pytest.raises(RecipeError, match=r"twice\.yaml:5:1: invalid YAML \(key 'max_steps' is given twice \(lines 2 and 5\)"):
+        RecipeOptions.from_yaml(recipe)
+
+
+def test_errors_cut_huge_values():
+    with pytest.raises(ValueError, match=r"LowRankConfig\.mode=\['x', .*\.\.\. \(\d+ characters\) is not allowed") as e:
+        LowRankConfig(mode=["x"] * 100000)
+    assert len(str(e.value)) < 400
+
+
+def test_a_command_line_value_that_is_not_yaml_is_a_usage_error(capsys):
+    expected = {
+        "--lowrank.target_modules": "argument --lowrank.target_modules: invalid list of str, str or None value: '[c_fc'",
+        "--lowrank.strategy_args.buffer": "argument --lowrank.strategy_args.buffer: '[c_fc' is not a valid YAML value",
+    }
+    for option, message in expected.items():
+        with pytest.raises(SystemExit) as e:
+            main(["train", "r.yaml", option, "[c_fc"])  # it was a raw yaml.scanner traceback
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
