@@ -188,8 +188,8 @@ class LowRankConfig:
         check_choice("LowRankConfig.mode", self.mode, MODES)
         check_choice("LowRankConfig.residual_base", self.residual_base, RESIDUAL_BASES)
         check_choice("LowRankConfig.init", self.init, INITS)
-        if not is_number(self.init_scale, 0.0):
-            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a positive number.")
+        if not is_number(self.init_scale, 0.0) or self.init_scale > 1e3:
+            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a number in (0, 1000] (larger overflows the factors).")
         check_size("LowRankConfig.rank", self.rank)
         check_size("LowRankConfig.capacity", self.capacity, allow_none=True)
         if (

@@ -141,11 +141,24 @@ def write_weights(
     return written
 
 
+def _inside(folder: Path, path: Path) -> Path:
+    """``path``, refused when it is a link leading out of ``folder`` (a Hub snapshot's links into its blobs are fine)."""
+    target = path.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        roots.append((folder.parent.parent / "blobs").resolve())
+    if not any(target == r or r in target.parents for r in roots):
+        raise ValueError(f"{path}: a link to {target}, outside the folder; copy the file into the folder instead of linking it.")
+    return path
+
+
 def weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path] | None:
-    """The safetensors files of ``weights_name`` in ``folder``: the file itself, or the shards its index lists; None if neither exists."""
+    """The safetensors files of ``weights_name`` in ``folder``: the file itself, or the shards its index lists; None if neither exists.
+
+    A file that is a link leading outside ``folder`` is refused: a folder's files are read, nothing else."""
     folder = Path(folder)
     if (folder / weights_name).is_file():
-        return [folder / weights_name]
+        return [_inside(folder, folder / weights_name)]
     index = folder / index_name(weights_name)
     if not index.is_file():
         return None
@@ -157,7 +170,7 @@ def weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path] | N
     outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
     if outside:
         raise ValueError(f"{index}: weight_map names {outside[:3]}, not safetensors files in the folder itself.")
-    return [folder / s for s in shards]
+    return [_inside(folder, folder / s) for s in shards]
 
 
 def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path], dict[Path, dict[str, str]]]:

@@ -287,6 +287,8 @@ class RecipeOptions:
                 fail(f.name, value, f"give {type_name(hints[f.name])}{quoted}")
         check_choice("task", self.task, TASKS)
         check_choice("architecture", self.architecture, ARCHITECTURES)
+        if not self.output_dir.strip():
+            fail("output_dir", self.output_dir, "give a folder for the checkpoints and results, e.g. runs/lowrank")
         for name in (
             "n_layer", "n_embd", "n_head", "block_size", "vocab_size", "max_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "logging_steps",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -233,6 +234,13 @@ def load_weights(lowrank: "LowRankModel", path: str | os.PathLike) -> None:
     _check_inactive_components(lowrank, tensors, source)
     if adapter:
         _check_base(lowrank, folder / BASE_FINGERPRINT_NAME, expected, set(tensors))
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        warnings.warn(
+            f"{folder}: tensors {bad[:5]}{' and more' if len(bad) > 5 else ''} hold NaN or Inf, so the model's outputs "
+            "will be NaN; the checkpoint was saved from a diverged run or damaged. Load an earlier one.",
+            stacklevel=3,
+        )
     lowrank.base_model.load_state_dict(tensors, strict=not adapter)
 
 

@@ -365,9 +365,12 @@ class LowRankTrainer(Trainer):
         self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
-        except BaseException:
+        except BaseException as e:
             if self.args.should_save:
                 remove_marked(Path(staging))  # a failed save (disk full) leaves nothing behind
+            if isinstance(e, OSError) and not str(staging) in str(e):  # torch.save's errors name no file
+                raise OSError(e.errno, f"writing {name} into {staging} failed ({e}); the previous checkpoints are kept, "
+                              "and the staging folder was removed. Free space or fix the folder, then resume.") from e
             raise
         finally:
             self._staging_dir, self._saving_checkpoint = None, False

@@ -379,6 +379,23 @@ def test_a_disk_full_checkpoint_save_leaves_nothing_behind_and_the_run_resumes(t
     assert_clean(out)
 
 
+def test_a_full_disk_inside_torch_save_names_the_checkpoint(tmp_path, monkeypatch):
+    """The Trainer's own torch.save of optimizer.pt raised a bare ENOSPC naming no file."""
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"writing checkpoint-4 into .*\.staging-checkpoint-4 failed \(.*No space left on device\); the previous") as e:
+        build_trainer(out, SHORT, max_steps=4, save_steps=4).train()
+    assert e.value.errno == errno.ENOSPC
+    assert_clean(out)
+
+
 def test_training_start_removes_what_killed_saves_left(tmp_path):
     """A kill mid-checkpoint leaves ``.staging-checkpoint-N``; a kill in ``atomic_directory`` ``.NAME.<random>``.
 

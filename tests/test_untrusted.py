@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import build, logits, sample_ids
 
-from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
+from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, saving
 from hf_lowrank.cli import TrainOptions, _import_strategy, main
 from hf_lowrank.options import RecipeError, RecipeOptions
 from hf_lowrank.strategies import REGISTRY, UnavailableStrategy, get_strategy
@@ -205,3 +205,67 @@ def test_a_command_line_value_that_is_not_yaml_is_a_usage_error(capsys):
             main(["train", "r.yaml", option, "[c_fc"])  # it was a raw yaml.scanner traceback
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+# -- smaller: NaN weights, links out of the folder, bad numbers, bad configs ----------------------
+
+
+def test_nan_weights_load_with_a_warning(tmp_path):
+    model = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["c_fc"], rank=4))
+    with torch.no_grad():
+        next(iter(model.lowrank_layers().values())).A[0, 0] = float("nan")
+    saving.save(model, tmp_path / "m", True, True, False, saving.MAX_SHARD_SIZE, True)  # save_pretrained would be the same
+    with pytest.warns(UserWarning, match=r"tensors \['transformer\.h\.0\.mlp\.c_fc\.A'\] hold NaN or Inf"):
+        LowRankModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_weights_link_out_of_the_folder_is_refused(tmp_path):
+    _, folder = saved_with_strategy(tmp_path, "fixed")
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "model.safetensors").rename(outside)
+    (folder / "model.safetensors").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"model\.safetensors: a link to .*elsewhere\.safetensors, outside the folder"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_bad_numbers_and_bad_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"init_scale=1e\+300 is not allowed; give a number in \(0, 1000\]"):
+        LowRankConfig(init_scale=1e300)
+    (tmp_path / "lowrank_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"lowrank_config\.json: holds a list, not a mapping of LowRankConfig fields"):
+        LowRankConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"output_dir='' is not allowed"):
+        RecipeOptions(task="clm", output_dir="")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ([], r"holds a list, not a PEFT adapter config"),
+        ({"peft_type": "LORA", "r": float("nan"), "lora_alpha": 16}, r"r=nan; expected a positive number"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"c_fc": "abc"}}, r"alpha_pattern\['c_fc'\]='abc'; expected a positive number"),
+        ({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"c_fc": 2.5}}, r"rank_pattern\['c_fc'\]=2\.5; expected an int >= 1"),
+    ],
+)
+def test_a_bad_peft_adapter_config_is_named(tmp_path, config, message):
+    from hf_lowrank.peft_interop import import_peft_adapter
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: " + message):
+        import_peft_adapter(build("gpt2"), tmp_path)
+
+
+def test_a_peft_adapter_with_nan_weights_imports_with_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_lowrank.peft_interop import export_peft_adapter, import_peft_adapter
+
+    model = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4))
+    export_peft_adapter(model, tmp_path, base_model_name_or_path="org/base")
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.warns(UserWarning, match=r"lora_B'\] hold NaN or Inf"):
+        import_peft_adapter(build("gpt2"), tmp_path)
