@@ -10,6 +10,7 @@ parameter and what differs. ``torch.load`` runs with ``weights_only=True``: no p
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -19,11 +20,65 @@ from typing import Any
 import torch
 
 from .checks import is_int
-from .files import read_json
+from .files import read_json, write_json
 
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
+MANIFEST_NAME = "lowrank_checksums.json"
+LOWRANK_STATE_NAME = "lowrank_trainer_state.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | os.PathLike) -> None:
+    """Record the SHA-256 of every file of a complete checkpoint (``lowrank_checksums.json``).
+
+    A flipped bit in a weight or a moment is a valid float: only a checksum tells it from the
+    saved value. Files in subfolders (FSDP's sharded states) are not listed.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    write_json(folder / MANIFEST_NAME, {"sha256": {p.name: _sha256(p) for p in files}})
+
+
+def verify_manifest(folder: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose files differ from what ``lowrank_checksums.json`` recorded when it was written.
+
+    A checkpoint written by this version (its ``lowrank_trainer_state.json`` records
+    ``global_step``) must have the manifest; older checkpoints, without it, are not verified.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        try:
+            state = read_json(folder / LOWRANK_STATE_NAME)
+        except (FileNotFoundError, ValueError):
+            return  # named when the state is loaded
+        if isinstance(state, dict) and "global_step" in state:
+            raise FileNotFoundError(f"{path}: missing, although this checkpoint was written with one; it was edited. Resume from another checkpoint.")
+        return
+    data = read_json(path)
+    sums = data.get("sha256") if isinstance(data, dict) else None
+    if not (isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items())):
+        raise ValueError(f"{path}: not a checksum manifest (needs 'sha256': {{file: digest}}); the checkpoint is damaged.")
+    for name, digest in sorted(sums.items()):
+        file = folder / name
+        if Path(name).name != name or name == MANIFEST_NAME:
+            raise ValueError(f"{path}: lists {name!r}, not a file of the folder itself; the manifest is damaged.")
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing (listed in {path}); the checkpoint is incomplete.")
+        if _sha256(file) != digest:
+            raise ValueError(
+                f"{file}: its contents changed since the checkpoint was written (SHA-256 differs from {MANIFEST_NAME}); "
+                "the file is damaged or edited. Resume from another checkpoint."
+            )
 
 
 def rng_name(world_size: int, process_index: int) -> str:
@@ -48,11 +103,18 @@ def check_complete(folder: str | os.PathLike, world_size: int = 1, process_index
             + ". Resume from a complete checkpoint, or start a new run from these weights: "
             "LowRankModel.from_pretrained(checkpoint) and train without resume_from_checkpoint."
         )
+    rng = _load(folder / rng_name(world_size, process_index))
+    if not (isinstance(rng, dict) and {"python", "numpy", "cpu"} <= set(rng) and torch.is_tensor(rng["cpu"])):
+        raise ValueError(f"{folder / rng_name(world_size, process_index)}: not the Trainer's random state; the checkpoint is damaged.")
+    saved_global_step(folder)  # the Trainer reads trainer_state.json first: name a damaged one here
 
 
 def _load(path: Path) -> Any:
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types of the RNG state, as the Trainer allows
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
         raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e)[:200]}); the checkpoint is damaged.") from None
 

@@ -229,6 +229,7 @@ class LowRankTrainer(Trainer):
             if resume_from_checkpoint is True:
                 resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer's error
             if isinstance(resume_from_checkpoint, (str, os.PathLike)) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                ckpt.verify_manifest(resume_from_checkpoint)
                 ckpt.check_complete(resume_from_checkpoint, self.args.world_size, self.args.process_index)
             return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
@@ -376,13 +377,14 @@ class LowRankTrainer(Trainer):
             self._staging_dir, self._saving_checkpoint = None, False
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            write_json(Path(staging, TEMP_MARKER), {"complete": name})  # from here on it is kept, never deleted
             staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging):
                 # The Trainer recorded the staging path; point it (and the saved state) at the final folder.
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            ckpt.write_manifest(staged)  # every file's checksum, verified when resuming
+            write_json(Path(staging, TEMP_MARKER), {"complete": name})  # from here on it is kept, never deleted
             if os.path.isdir(final):  # moved aside in one rename, never left half-deleted under its name
                 os.replace(final, os.path.join(staging, "replaced"))
             os.replace(staged, final)

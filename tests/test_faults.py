@@ -31,6 +31,7 @@ import hf_lowrank.files
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
 from hf_lowrank.files import LOCK_NAME, TEMP_MARKER, read_json, read_safetensors, run_lock, write_json
 from hf_lowrank.strategies import LayerChange, Plan
+from hf_lowrank.checkpoint import MANIFEST_NAME, write_manifest
 from hf_lowrank.trainer import STATE_NAME, LowRankTrainer, remove_stale_staging
 
 MLP = "transformer.h.0.mlp.c_fc"
@@ -510,6 +511,7 @@ def test_resume_refuses_a_checkpoint_without_a_valid_strategy_state(tmp_path, ch
         else:
             state["strategy_state"] = {"ranks": 3}
         write_json(state_file, state)
+    write_manifest(ckpt)  # as if the checksums were updated too: the state checks must hold on their own
 
     trainer = build_trainer(out, SHORT, max_steps=8)
     with pytest.raises(error, match=message) as e:
@@ -578,6 +580,7 @@ def test_resume_refuses_a_checkpoint_that_would_not_continue_the_same_run(tmp_pa
     shutil.copytree(checkpoint, ckpt)
     edit, error, message = RESUME_DAMAGE[damage]
     edit(ckpt)
+    write_manifest(ckpt)  # an edit that also updates the checksums: the checks behind them must hold on their own
     trainer = build_trainer(out, SHORT, max_steps=8)
     with pytest.raises(error, match=message) as e:
         trainer.train(resume_from_checkpoint=str(ckpt))
