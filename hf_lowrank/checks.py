@@ -13,7 +13,10 @@ from typing import Any, NoReturn
 
 def fail(field: str, value: Any, fix: str) -> NoReturn:
     """Raise ``ValueError("<field>=<value!r> is not allowed; <fix>.")``."""
-    raise ValueError(f"{field}={value!r} is not allowed; {fix.rstrip('.')}.")
+    text = repr(value)
+    if len(text) > 200:  # a value from a file can be huge: name it, do not print it all
+        text = f"{text[:160]}... ({len(text)} characters)"
+    raise ValueError(f"{field}={text} is not allowed; {fix.rstrip('.')}.")
 
 
 def is_int(value: Any) -> bool:

@@ -35,7 +35,17 @@ class TrainOptions:
     task: typing.Union[str, None] = field(
         default=None, metadata={"help": "Required task ('clm' or 'classification'); set by the recipe scripts.", "hidden": True}
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the recipe's strategy 'module:Class' be imported (running that module's code), looked up in the "
+            "working directory and PYTHONPATH. Without it only strategies already registered are found."
+        },
+    )
     overrides: dict[str, Any] = field(default_factory=dict, metadata={"hidden": True})
+
+    def __post_init__(self) -> None:
+        check_bool("trust_remote_code", self.trust_remote_code)
 
 
 @dataclass
@@ -79,6 +89,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     from .recipe import run
 
     try:
+        if opts.trust_remote_code:
+            _import_strategy(opts)
         recipe = RecipeOptions.from_yaml(opts.config, opts.overrides)
         if opts.task is not None and recipe.task != opts.task:
             script = "recipes/train_classifier.py" if recipe.task == "classification" else "recipes/train_clm.py"
@@ -86,6 +98,23 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         return run(recipe)  # validates the layout and the schedule before loading any data
     except RecipeError as e:
         _usage_error(f"hf-lowrank train: {e}")
+
+
+def _import_strategy(opts: TrainOptions) -> None:
+    """``--trust_remote_code``: import the recipe's ``module:Class`` strategy, from the working directory or PYTHONPATH."""
+    from .options import load_yaml
+    from .strategies import get_strategy
+
+    lowrank = load_yaml(opts.config).get("lowrank")
+    name = opts.overrides.get("lowrank.strategy", lowrank.get("strategy") if isinstance(lowrank, dict) else None)
+    if not (isinstance(name, str) and ":" in name):
+        return
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the recipe run are found
+    try:
+        get_strategy(name, trust_remote_code=True)
+    except ValueError as e:
+        raise RecipeError(f"{opts.config}: {e}") from None
 
 
 def report(opts: ReportOptions) -> str:
@@ -226,8 +255,11 @@ def train_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, r
             if not tokens or tokens[0].startswith("--"):
                 parser.verbs["train"].error(f"argument {key}: expected one argument")
             value = tokens.pop(0)
-        strategy_args[key[2:]] = yaml_value(value)  # its type is the strategy's, which validates it
-    recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        try:
+            strategy_args[key[2:]] = yaml_value(value)  # its type is the strategy's, which validates it
+        except ValueError as e:
+            parser.verbs["train"].error(f"argument {key}: {e}")
+    recipe_keys = {k: v for k, v in vars(args).items() if k not in ("command", "config", "trust_remote_code")}
     return {**recipe_keys, **strategy_args}, unknown
 
 
@@ -245,7 +277,7 @@ def main(argv: Sequence[str] | None = None, task: str | None = None) -> int:
         parser.verbs[args.command].error(f"{what}; see hf-lowrank {args.command} --help")
     try:
         if args.command == "train":
-            opts = TrainOptions(config=args.config, task=task, overrides=overrides)
+            opts = TrainOptions(config=args.config, task=task, trust_remote_code=args.trust_remote_code, overrides=overrides)
         else:
             opts = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     except ValueError as e:  # a verb's own option, e.g. merge --overwrite maybe

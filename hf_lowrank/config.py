@@ -13,7 +13,7 @@ from . import __version__
 from .checks import check_choice, check_int, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
 from .files import read_json, write_json
 from .hub import push_folder, resolve_file
-from .strategies import get_strategy
+from .strategies import find_strategy, get_strategy
 
 CONFIG_NAME = "lowrank_config.json"
 
@@ -226,8 +226,8 @@ class LowRankConfig:
         check_choice("LowRankConfig.mode", self.mode, MODES)
         check_choice("LowRankConfig.residual_base", self.residual_base, RESIDUAL_BASES)
         check_choice("LowRankConfig.init", self.init, INITS)
-        if not is_number(self.init_scale, 0.0):
-            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a positive number.")
+        if not is_number(self.init_scale, 0.0) or self.init_scale > 1e3:
+            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a number in (0, 1000] (larger overflows the factors).")
         check_size("LowRankConfig.rank", self.rank)
         check_size("LowRankConfig.capacity", self.capacity, allow_none=True)
         if (
@@ -262,7 +262,10 @@ class LowRankConfig:
             raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
             raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
-        get_strategy(self.strategy).Args.from_dict(self.strategy_args)  # validates the name, the keys and the values
+        if find_strategy(self.strategy) is not None or not self.rank_pattern:
+            # validates the name, the keys and the values; a saved layout (rank_pattern) loads without its strategy,
+            # which is checked when training needs it (loading never imports the module a file names)
+            get_strategy(self.strategy).Args.from_dict(self.strategy_args)
         problem = _rank_pattern_problem(self.rank_pattern)
         if problem:
             raise ValueError(
@@ -287,6 +290,8 @@ class LowRankConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "dict") -> "LowRankConfig":
         """Build from a dict, rejecting unknown keys with the list of known ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: holds a {type(data).__name__}, not a mapping of LowRankConfig fields; save the model again.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

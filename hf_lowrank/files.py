@@ -141,11 +141,24 @@ def write_weights(
     return written
 
 
+def _inside(folder: Path, path: Path) -> Path:
+    """``path``, refused when it is a link leading out of ``folder`` (a Hub snapshot's links into its blobs are fine)."""
+    target = path.resolve()
+    roots = [folder.resolve()]
+    if folder.parent.name == "snapshots":  # huggingface_hub's cache: snapshots/<rev>/file -> ../../blobs/<hash>
+        roots.append((folder.parent.parent / "blobs").resolve())
+    if not any(target == r or r in target.parents for r in roots):
+        raise ValueError(f"{path}: a link to {target}, outside the folder; copy the file into the folder instead of linking it.")
+    return path
+
+
 def weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path] | None:
-    """The safetensors files of ``weights_name`` in ``folder``: the file itself, or the shards its index lists; None if neither exists."""
+    """The safetensors files of ``weights_name`` in ``folder``: the file itself, or the shards its index lists; None if neither exists.
+
+    A file that is a link leading outside ``folder`` is refused: a folder's files are read, nothing else."""
     folder = Path(folder)
     if (folder / weights_name).is_file():
-        return [folder / weights_name]
+        return [_inside(folder, folder / weights_name)]
     index = folder / index_name(weights_name)
     if not index.is_file():
         return None
@@ -157,7 +170,7 @@ def weight_files(folder: str | os.PathLike, weights_name: str) -> list[Path] | N
     outside = [s for s in shards if Path(s).name != s or not s.endswith(".safetensors")]
     if outside:
         raise ValueError(f"{index}: weight_map names {outside[:3]}, not safetensors files in the folder itself.")
-    return [folder / s for s in shards]
+    return [_inside(folder, folder / s) for s in shards]
 
 
 def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, Path], dict[Path, dict[str, str]]]:
@@ -185,24 +198,136 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+# A file inside every folder hf_lowrank creates as a temporary (an atomic_directory's new contents, the
+# old contents moved aside, a checkpoint's staging folder): cleaning up removes only folders that hold it.
+TEMP_MARKER = ".hf_lowrank_temporary"
+
+
+def is_marked(folder: Path) -> bool:
+    """Whether ``folder`` is a temporary hf_lowrank created (it holds :data:`TEMP_MARKER`)."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / TEMP_MARKER).is_file()
+
+
+def remove_marked(folder: Path) -> None:
+    """Remove a marked temporary folder, its marker last (a kill half-way leaves it marked, so it is removed later)."""
+    if not is_marked(folder):
+        return
+    for child in folder.iterdir():
+        if child.name == TEMP_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
 
     A crash inside the block leaves ``path`` as it was (and no partial folder under its name).
+    The temporary (and the old contents while they are moved aside) hold :data:`TEMP_MARKER`,
+    which is how a later cleanup knows them for its own.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the saved folder follows the umask like any mkdir
+    (tmp / TEMP_MARKER).write_text(f"new contents of {path.name}, pid {os.getpid()}\n")
     try:
         yield tmp
+        (tmp / TEMP_MARKER).unlink()
         if path.exists():
             old = path.with_name(f".{path.name}.old{os.getpid()}")
-            os.replace(path, old)
+            marker = path / TEMP_MARKER if path.is_dir() and not path.is_symlink() else None
+            if marker is not None:
+                marker.write_text(f"old contents of {path.name}, pid {os.getpid()}\n")
+            try:
+                os.replace(path, old)
+            except BaseException:
+                if marker is not None:
+                    marker.unlink(missing_ok=True)
+                raise
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if is_marked(old):
+                remove_marked(old)
+            elif old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, path)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / TEMP_MARKER).touch()
+            remove_marked(tmp)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask would, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+LOCK_NAME = ".hf_lowrank.lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, what: str = "output_dir") -> Iterator[Path]:
+    """Hold ``folder/.hf_lowrank.lock`` for the block: one training run per folder.
+
+    The lock is an exclusive ``flock`` on that file, which records the holder's pid, host and
+    start time. The kernel drops the lock when the holder dies, so a lock left by a killed run
+    is stale and taken over; a live holder (any process, this one included) is refused with
+    who holds it. The file is removed when the block ends. A folder that cannot be written is
+    refused here, before any work.
+    """
+    import fcntl
+    import socket
+    import time
+
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                try:
+                    info = json.loads(holder)
+                    who = f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+                except (ValueError, KeyError, TypeError):
+                    who = f"a process that wrote {holder[:200]!r}"
+                raise RuntimeError(
+                    f"{what}={str(folder)!r} is in use by another training run ({who}): two runs in one folder would "
+                    f"overwrite each other's checkpoints. Wait for it to finish, stop it, or choose another {what}. "
+                    f"(The lock is {path}; the system releases it when that process ends.)"
+                ) from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file a finishing holder just unlinked
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}={str(folder)!r} cannot be written ({e.strerror or e}); choose a writable folder") from e
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # still locked: nobody can take a lock on it between the two lines
+        os.close(fd)

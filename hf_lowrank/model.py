@@ -14,10 +14,19 @@ from torch import nn
 
 from . import distributed, fsdp, optim, saving
 from .card import push_model
-from .checks import check_int
+from .checks import check_int, is_number
 from .config import LowRankConfig
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import LayerChange, Plan, RankStrategy, TrainContext, get_strategy
+from .strategies import (
+    LayerChange,
+    Plan,
+    RankStrategy,
+    StateContext,
+    TrainContext,
+    UnavailableStrategy,
+    find_strategy,
+    get_strategy,
+)
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
 
@@ -103,11 +112,19 @@ class LowRankModel(nn.Module):
     optimizer step (``LowRankTrainer`` does both).
     """
 
-    def __init__(self, model: nn.Module, config: LowRankConfig):
+    def __init__(self, model: nn.Module, config: LowRankConfig, *, weights_follow: bool = False):
+        """``weights_follow``: the caller loads every tensor next (the loaders), so a saved rank pattern only
+        allocates shapes. Otherwise a rank pattern applied to a model's own weights keeps each layer's function
+        as far as the rank allows (balanced SVD split, as ``init="auto"`` does) and warns with the change."""
         super().__init__()
+        self._weights_follow = weights_follow
         self.base_model = model
         self.lowrank_config = config
-        self.strategy: RankStrategy = get_strategy(config.strategy)(config)
+        # Never imports: a saved layout (rank_pattern) loads without its strategy, which training then asks for.
+        known = find_strategy(config.strategy)
+        if known is None and not config.rank_pattern:
+            known = get_strategy(config.strategy)  # raises, saying how to provide it
+        self.strategy: RankStrategy = known(config) if known is not None else UnavailableStrategy(config)
         self.lr_adjust = optim.LrAdjust()
         self.plan_history: list[dict[str, Any]] = []
         self.decision_seconds = 0.0
@@ -136,7 +153,11 @@ class LowRankModel(nn.Module):
             module = self.base_model.get_submodule(name)
             layer = module if isinstance(module, LowRankLinear) else LowRankLinear(module)
             if config.rank_pattern:
-                layer.set_layout(LayerSpec(**config.rank_pattern[name]))
+                spec = LayerSpec(**config.rank_pattern[name])
+                if spec.mode == "factorized" and layer.mode == "dense" and not self._weights_follow:
+                    self._factorize_keeping(name, layer, spec)  # set_layout would zero B: the layer's function lost
+                else:
+                    layer.set_layout(spec)
             else:
                 self._initialise(name, layer)
             parent, _, child = name.rpartition(".")
@@ -165,6 +186,13 @@ class LowRankModel(nn.Module):
         elif spec.mode == "residual":
             layer.to_residual(spec.rank, spec.capacity, base=c.residual_base, init_scale=c.init_scale)
             layer.scaling = spec.scaling
+
+    def _factorize_keeping(self, name: str, layer: LowRankLinear, spec: LayerSpec) -> None:
+        """A saved layout on a model's own weights: the SVD split of the weight at the saved rank, change recorded."""
+        before = layer.dense_weight()
+        layer.init_factorized(spec.rank, spec.capacity, init="spectral", zero_inactive=self.strategy.zero_inactive)
+        change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
+        self.init_report[name] = float(change)
 
     def _report_init(self) -> None:
         """Warn when factorizing pretrained weights changed the model's function (a truncation cannot keep it)."""
@@ -234,6 +262,8 @@ class LowRankModel(nn.Module):
         """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
         if labels is not None:
             kwargs["labels"] = labels
+        if self.training and not self._bound and torch.is_grad_enabled() and isinstance(self.strategy, UnavailableStrategy):
+            raise ValueError(self.strategy.message)
         if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
             raise RuntimeError(
                 f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
@@ -415,9 +445,17 @@ class LowRankModel(nn.Module):
                 f"{source}: checkpoint was trained with strategy {state['strategy']!r}, "
                 f"this run uses {self.lowrank_config.strategy!r}."
             )
+        steps = [h.get("step") for h in state["plan_history"] if isinstance(h, dict)] if isinstance(state["plan_history"], list) else []
+        step = state.get("global_step")
+        ctx = StateContext(self.lowrank_layers(), step if isinstance(step, int) else None, frozenset(s for s in steps if isinstance(s, int)))
         try:
+            self.strategy.check_state(state["strategy_state"], ctx)  # names, sizes and steps against this model
             self.strategy.load_state_dict(state["strategy_state"])
             self.lr_adjust.load_state_dict(state)
+            if not (isinstance(state["plan_history"], list) and all(isinstance(h, dict) for h in state["plan_history"])):
+                raise ValueError(f"plan_history={str(state['plan_history'])[:80]!r} is not a list of plans")
+            if not is_number(state["decision_seconds"], 0.0, inclusive=True):
+                raise ValueError(f"decision_seconds={state['decision_seconds']!r} is not a number >= 0")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{source}: malformed strategy_state or lr adjustment ({type(e).__name__}: {e}).") from e
         self.plan_history = list(state["plan_history"])
@@ -599,15 +637,20 @@ class LowRankModel(nn.Module):
         *,
         base_model: nn.Module | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
         **hub_kwargs: Any,
     ) -> "LowRankModel":
         """Rebuild a saved LowRankModel (folder or Hub repo): shapes from the rank pattern, then tensors.
 
         ``dtype`` casts it; an adapter-only save loads onto ``base_model`` or the local base
-        folder it names. See :func:`hf_lowrank.saving.load`.
+        folder it names. The saved strategy is never imported: a ``"module:Class"`` strategy whose
+        module is not imported yet loads for inference, ``summary`` and merging, and training it
+        asks for the module; ``trust_remote_code=True`` imports it (running its code). See
+        :func:`hf_lowrank.saving.load`.
         """
         return saving.load(
-            cls, path_or_repo_id, model_class, dtype, base_model=base_model, torch_dtype=torch_dtype, **hub_kwargs
+            cls, path_or_repo_id, model_class, dtype, base_model=base_model, torch_dtype=torch_dtype,
+            trust_remote_code=trust_remote_code, **hub_kwargs
         )
 
     def push_to_hub(self, repo_id: str, metrics: dict[str, Any] | None = None, **kwargs: Any):

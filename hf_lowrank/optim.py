@@ -354,8 +354,15 @@ class LrAdjust:
         return {"lr_factor": self.factor, "rewarm": list(self.rewarm) if self.rewarm else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.factor = float(state["lr_factor"])
-        self.rewarm = tuple(state["rewarm"]) if state["rewarm"] else None
+        factor, rewarm = state["lr_factor"], state["rewarm"]
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise ValueError(f"lr_factor={factor!r} is not a finite number > 0")
+        if rewarm is not None and not (
+            isinstance(rewarm, list) and len(rewarm) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rewarm)
+        ):
+            raise ValueError(f"rewarm={rewarm!r} is not null or [start step, length]")
+        self.factor = float(factor)
+        self.rewarm = tuple(rewarm) if rewarm else None
 
 
 def nonfinite_gradients(optimizer: Any) -> bool:

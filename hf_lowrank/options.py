@@ -35,7 +35,37 @@ class RecipeError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 numbers: ``1e-3`` and ``2E5`` are floats, not strings."""
+    """PyYAML's safe loader with YAML 1.2 numbers: ``1e-3`` and ``2E5`` are floats, not strings.
+
+    A recipe is untrusted input: aliases (``*name``) are refused, since a few hundred bytes of
+    nested aliases expand to gigabytes (a "billion laughs"), and so is a key given twice in one
+    mapping (YAML would silently keep the last), naming both lines.
+    """
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not allowed in a recipe (aliases can expand without bound); write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    line = first.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if line != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {str(key)[:80]!r} is given twice (lines {line + 1} and {key_node.start_mark.line + 1}); keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -46,8 +76,15 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_value(text: str) -> Any:
-    """One command-line word read as the YAML value it spells (``[a, b]`` a list, ``2`` an int)."""
-    return yaml.load(text, Loader=_Loader)
+    """One command-line word read as the YAML value it spells (``[a, b]`` a list, ``2`` an int).
+
+    A word that is not valid YAML (``'[c_fc'``) raises ``ValueError`` saying why, not PyYAML's traceback.
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{text[:80]!r} is not a valid YAML value ({problem}); quote it, or close its brackets") from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -250,6 +287,8 @@ class RecipeOptions:
                 fail(f.name, value, f"give {type_name(hints[f.name])}{quoted}")
         check_choice("task", self.task, TASKS)
         check_choice("architecture", self.architecture, ARCHITECTURES)
+        if not self.output_dir.strip():
+            fail("output_dir", self.output_dir, "give a folder for the checkpoints and results, e.g. runs/lowrank")
         for name in (
             "n_layer", "n_embd", "n_head", "block_size", "vocab_size", "max_steps", "per_device_train_batch_size",
             "gradient_accumulation_steps", "logging_steps",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import resolve_size
+from .checks import is_int, is_number, resolve_size
 from .config import LowRankConfig
 from .files import read_json, read_safetensors, write_json, write_safetensors
 from .hub import resolve_folder
@@ -265,11 +266,22 @@ def _adapter_files(adapter_dir: str | os.PathLike, **hub_kwargs: Any) -> tuple[P
 
 
 def _check_lora_config(cfg: dict[str, Any], path: Path) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: holds a {type(cfg).__name__}, not a PEFT adapter config (a mapping with peft_type, r, lora_alpha, ...).")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be imported.")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+        if not is_number(cfg.get(key), 0.0):  # NaN and inf too
             raise ValueError(f"{path}: {key}={cfg.get(key)!r}; expected a positive number.")
+    if not is_int(cfg["r"]):
+        raise ValueError(f"{path}: r={cfg['r']!r}; expected an int >= 1.")
+    for key, ok, what in (("rank_pattern", is_int, "an int >= 1"), ("alpha_pattern", is_number, "a positive number")):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {key}={value!r}; expected a mapping of layer names to {what}.")
+        for name, v in value.items():
+            if not (ok(v) and is_number(v, 0.0)):
+                raise ValueError(f"{path}: {key}[{name!r}]={v!r}; expected {what}.")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias={cfg['bias']!r} trains biases, which a low-rank adapter does not hold; only bias='none' imports.")
     for key, why in UNSUPPORTED_LORA_FIELDS.items():
@@ -348,6 +360,9 @@ def import_peft_adapter(
     # PEFT replaces every module whose name ends with an entry
     to_save = [n for n, _ in base_model.named_modules() if n and any(n.endswith(w) for w in wanted)]
     pairs, saved = _split_tensors(read_safetensors(weights_path), weights_path, to_save)
+    bad = sorted(f"{n}.lora_{k}" for n, pair in pairs.items() for k, t in pair.items() if not bool(torch.isfinite(t).all()))
+    if bad:
+        warnings.warn(f"{weights_path}: {bad[:5]} hold NaN or Inf, so the model's outputs will be NaN; the adapter is damaged.", stacklevel=2)
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     capacity = None if config is None else config.capacity
     modules = dict(base_model.named_modules())
@@ -376,7 +391,7 @@ def import_peft_adapter(
         base_model_name_or_path=settings["base_model_name_or_path"] or cfg.get("base_model_name_or_path")
         or getattr(getattr(base_model, "config", None), "_name_or_path", None) or None,
     )
-    model = LowRankModel(base_model, LowRankConfig.from_dict(settings, source="import_peft_adapter"))
+    model = LowRankModel(base_model, LowRankConfig.from_dict(settings, source="import_peft_adapter"), weights_follow=True)
     layers = model.lowrank_layers()
     with torch.no_grad():
         for name, pair in pairs.items():

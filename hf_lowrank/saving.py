@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .checks import check_bool, fail
@@ -38,6 +40,7 @@ from .files import (
 )
 from .hub import resolve_folder
 from .layer import SUPPORTED_TYPES
+from .strategies import get_strategy
 
 if TYPE_CHECKING:
     from .model import LowRankModel
@@ -231,6 +234,13 @@ def load_weights(lowrank: "LowRankModel", path: str | os.PathLike) -> None:
     _check_inactive_components(lowrank, tensors, source)
     if adapter:
         _check_base(lowrank, folder / BASE_FINGERPRINT_NAME, expected, set(tensors))
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        warnings.warn(
+            f"{folder}: tensors {bad[:5]}{' and more' if len(bad) > 5 else ''} hold NaN or Inf, so the model's outputs "
+            "will be NaN; the checkpoint was saved from a diverged run or damaged. Load an earlier one.",
+            stacklevel=3,
+        )
     lowrank.base_model.load_state_dict(tensors, strict=not adapter)
 
 
@@ -356,7 +366,7 @@ def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folde
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         try:
-            wrapped = wrapper(model, config)
+            wrapped = wrapper(model, config, weights_follow=True)
         except ValueError as e:  # a rank pattern that does not fit the architecture
             raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
         load_weights(wrapped, folder)
@@ -371,6 +381,61 @@ def _wrap_and_load(wrapper: type, model: nn.Module, config: LowRankConfig, folde
     return wrapped
 
 
+def _known_model_class(path: Path, arch: Any) -> type:
+    """The transformers model class ``architectures`` names, only if transformers' Auto mappings know it.
+
+    ``getattr(transformers, name)`` alone would hand any attribute (``"pipeline"``, a function) to
+    the loader; a file's string must name a model class and nothing else.
+    """
+    from transformers.models.auto import modeling_auto
+
+    known: set[str] = set()
+    for attr, mapping in vars(modeling_auto).items():
+        if attr.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            for value in mapping.values():
+                known.update([value] if isinstance(value, str) else value)
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch in known else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{path}: 'architectures' names {arch!r}, not a model class transformers' Auto mappings know; "
+            "pass model_class= (the transformers class of the saved model)."
+        )
+    return cls
+
+
+def _check_sizes(folder: Path, model_class: type, model_config: Any, pattern: dict[str, Any]) -> None:
+    """Refuse a ``config.json`` whose sizes disagree with the weight files' headers, before any allocation.
+
+    The model is built on the meta device (no memory) and every tensor outside the low-rank
+    layers is compared with the shape the safetensors header records: an edited ``n_embd`` or
+    ``vocab_size`` (13 TB, 256 GB) or extra layers are refused here, naming the tensor.
+    """
+    files = weight_files(folder, WEIGHTS_NAME) or []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                aliases = metadata_json(path, f.metadata() or {}, "aliases", {})
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        if not isinstance(aliases, dict):
+            return  # damaged metadata: load_weights names it
+        shapes.update({a: shapes[o] for a, o in aliases.items() if isinstance(o, str) and o in shapes})
+    with torch.device("meta"):
+        meta = model_class(model_config)
+    for name, tensor in meta.state_dict().items():
+        if name.rpartition(".")[0] in pattern:
+            continue  # a low-rank layer: its shapes come from the rank pattern, checked on loading
+        if shapes.get(name) != tuple(tensor.shape):
+            saved = shapes.get(name, "absent")
+            raise ValueError(
+                f"{folder / 'config.json'} builds {name} of shape {tuple(tensor.shape)}, but the weights hold {saved}; "
+                "config.json was edited or belongs to another model (nothing was allocated)."
+            )
+
+
 def load(
     wrapper: type,
     path_or_repo_id: str | os.PathLike,
@@ -379,6 +444,7 @@ def load(
     *,
     base_model: nn.Module | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
     **hub_kwargs: Any,
 ) -> "LowRankModel":
     """Rebuild a saved LowRankModel (local folder or Hub repo): shapes from the rank pattern, then tensors.
@@ -419,11 +485,13 @@ def load(
         delattr(model_config, TRANSFORMERS_GUARD)
     arch = (model_config.architectures or [None])[0]
     if model_class is None:
-        model_class = getattr(transformers, arch, None) if arch else None
-        if model_class is None:
-            raise ValueError(f"{folder / 'config.json'}: no known 'architectures' entry ({arch!r}); pass model_class=.")
-    config = LowRankConfig.from_dict(read_json(folder / CONFIG_NAME), source=str(folder / CONFIG_NAME))
+        model_class = _known_model_class(folder / "config.json", arch)
+    data = read_json(folder / CONFIG_NAME)
+    if trust_remote_code and isinstance(data, dict):  # the user's opt-in: import a "module:Class" strategy it names
+        get_strategy(data.get("strategy"), trust_remote_code=True)
+    config = LowRankConfig.from_dict(data, source=str(folder / CONFIG_NAME))
     if not adapter:
+        _check_sizes(folder, model_class, model_config, config.rank_pattern)  # before allocating what config.json sizes
         model = model_class(model_config)
     elif base_model is not None:
         if arch and type(base_model).__name__ != arch:

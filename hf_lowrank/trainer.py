@@ -13,10 +13,10 @@ folder renamed into place, so a crash mid-save leaves the previous checkpoint lo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils.generic import can_return_loss, find_labels
 
+from . import checkpoint as ckpt
 from . import distributed, fsdp, optim
 from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
-from .files import read_json, write_json
+from .files import TEMP_MARKER, is_marked, read_json, remove_marked, run_lock, write_json
 from .model import WEIGHTS_NAME, LowRankModel
 
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -190,6 +191,7 @@ class LowRankTrainer(Trainer):
             c = self.model.lowrank_config
             optim.split_factor_groups(optimizer, factors, c.factor_lr_scale, c.factor_weight_decay)
             optim.inner_optimizer(optimizer).register_step_pre_hook(self._skip_nonfinite)
+            self._built_optimizer = optim.inner_optimizer(optimizer)
         return optimizer
 
     def _skip_nonfinite(self, optimizer, args, kwargs) -> None:
@@ -210,12 +212,46 @@ class LowRankTrainer(Trainer):
             )
         self._warn(f"step {step}: NaN or Inf gradients (loss not finite); the update was skipped.")
 
+    # -- one run per output_dir; an in-process resume starts as a fresh process does -----------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """The Trainer's ``train``, holding ``output_dir``'s run lock and cleaning what killed saves left first.
+
+        Resuming with a trainer that has trained before (a notebook, a retry after an error)
+        first drops the optimizer, the scheduler and the strategy object it trained with, so
+        they are rebuilt on the checkpoint's layout exactly as a fresh process builds them.
+        """
+        if resume_from_checkpoint not in (None, False) and self.optimizer is not None:
+            self._forget_previous_run()
+        main = self.is_world_process_zero()
+        with run_lock(self.args.output_dir) if main else contextlib.nullcontext():
+            if main:
+                remove_stale_staging(self.args.output_dir)  # before the Trainer looks for the last checkpoint
+            self.accelerator.wait_for_everyone()
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer's error
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)) and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+                ckpt.verify_manifest(resume_from_checkpoint)
+                ckpt.check_complete(resume_from_checkpoint, self.args.world_size, self.args.process_index)
+            return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _forget_previous_run(self) -> None:
+        if optim.inner_optimizer(self.optimizer) is not getattr(self, "_built_optimizer", None):
+            raise ValueError(
+                "resume_from_checkpoint with a trainer that has trained before and an optimizer passed to it "
+                "(optimizers=...): that optimizer holds the parameters of the current layout, not the checkpoint's. "
+                "Build a new LowRankTrainer (with a new optimizer) and resume with it, or let the trainer build the optimizer."
+            )
+        self.optimizer, self.lr_scheduler, self._created_lr_scheduler = None, None, False
+        self.model.strategy = self.strategy = type(self.strategy)(self.model.lowrank_config)
+        self.model._bound = False
+        self.nonfinite_in_a_row, self.nonfinite_steps = 0, []
+        self.model_wrapped, self._rewrapped = self.model, False
+
     # -- the rank step -------------------------------------------------------------------------
 
     def _bind_strategy(self) -> None:
         _bind(self.model, self.args, self.state, self.optimizer, self.lr_scheduler, self._warn, _tokens_per_batch(self))
-        if self.is_world_process_zero():
-            remove_stale_staging(self.args.output_dir)
 
     def _warn(self, message: str) -> None:
         if self.is_world_process_zero():
@@ -287,7 +323,7 @@ class LowRankTrainer(Trainer):
 
     def lowrank_state(self) -> dict[str, Any]:
         """Everything besides tensors that resuming needs (see ``LowRankModel.lowrank_state_dict``)."""
-        return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps}
+        return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps, "global_step": self.state.global_step}
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save; under FSDP2 every process gathers the full model and process 0 writes it.
@@ -325,13 +361,19 @@ class LowRankTrainer(Trainer):
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, f".staging-{name}")
+        if self.args.should_save:
+            os.makedirs(staging, exist_ok=True)
+            Path(staging, TEMP_MARKER).write_text(STAGING_WRITING)  # ours: a cleanup may remove it
         self._staging_dir = staging
         self._saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
-        except BaseException:
+        except BaseException as e:
             if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)  # a failed save (disk full) leaves nothing behind
+                remove_marked(Path(staging))  # a failed save (disk full) leaves nothing behind
+            if isinstance(e, OSError) and not str(staging) in str(e):  # torch.save's errors name no file
+                raise OSError(e.errno, f"writing {name} into {staging} failed ({e}); the previous checkpoints are kept, "
+                              "and the staging folder was removed. Free space or fix the folder, then resume.") from e
             raise
         finally:
             self._staging_dir, self._saving_checkpoint = None, False
@@ -343,10 +385,12 @@ class LowRankTrainer(Trainer):
                 # The Trainer recorded the staging path; point it (and the saved state) at the final folder.
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            if os.path.isdir(final):
-                shutil.rmtree(final)
+            ckpt.write_manifest(staged)  # every file's checksum, verified when resuming
+            write_json(Path(staging, TEMP_MARKER), {"complete": name})  # from here on it is kept, never deleted
+            if os.path.isdir(final):  # moved aside in one rename, never left half-deleted under its name
+                os.replace(final, os.path.join(staging, "replaced"))
             os.replace(staged, final)
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_marked(Path(staging))
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -378,27 +422,62 @@ class LowRankTrainer(Trainer):
         self.model.load_lowrank_state_dict(state, source=str(state_file))
         self.nonfinite_steps = list(state.get("nonfinite_steps", []))
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer's load, after :meth:`_check_resumable` (files present, steps agree, optimizer state fits)."""
+        if checkpoint is not None and not fsdp.is_sharded(self.model):
+            self._check_resumable(Path(checkpoint))
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _check_resumable(self, folder: Path) -> None:
+        """Refuse a checkpoint that would not continue the same run (see :mod:`hf_lowrank.checkpoint`)."""
+        step = ckpt.saved_global_step(folder)
+        ckpt.check_step(folder, step, read_json(folder / STATE_NAME), str(folder / STATE_NAME))
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        ckpt.check_optimizer_state(folder / ckpt.OPTIMIZER_NAME, optim.inner_optimizer(self.optimizer), names, step)
+
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 _ATOMIC_LEFTOVER = re.compile(r"^\.(staging-.+|.+\.(old\d+|[a-z0-9_]{8}))$")
 _MOVED_ASIDE = re.compile(r"^\.(.+)\.old\d+$")
+STAGING_WRITING = "checkpoint being written\n"
+
+
+def _complete_staging(entry: Path) -> str | None:
+    """The checkpoint name a staging folder holds complete (its marker says so, and the folder is there), else None."""
+    try:
+        record = read_json(entry / TEMP_MARKER)
+    except (FileNotFoundError, ValueError):
+        return None
+    name = record.get("complete") if isinstance(record, dict) else None
+    if isinstance(name, str) and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name) and (entry / name).is_dir():
+        return name
+    return None
 
 
 def remove_stale_staging(output_dir: str | os.PathLike) -> None:
-    """Remove what a killed save left in ``output_dir``: ``.staging-checkpoint-N`` and ``.<name>.<tmp>`` folders.
+    """Clean what a killed save left in ``output_dir``; only folders hf_lowrank marked as its own are touched.
 
-    ``.<name>.old<pid>`` without a ``<name>`` beside it is the only copy left (a kill between
-    ``atomic_directory``'s two renames), so it is renamed back to ``<name>`` instead.
+    ``.staging-checkpoint-N`` and ``.<name>.<tmp>`` temporaries are removed, except a staging folder
+    whose checkpoint was complete when the kill came (between moving the old ``checkpoint-N`` aside
+    and renaming the new one in): that checkpoint is put in place. ``.<name>.old<pid>`` without a
+    ``<name>`` beside it is the only copy left (a kill between ``atomic_directory``'s two renames),
+    so it is renamed back to ``<name>``. A hidden folder without hf_lowrank's marker inside
+    (``.cache.datasets``, ``.git.previous``) is never touched, whatever its name.
     """
     folder = Path(output_dir)
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and _ATOMIC_LEFTOVER.match(entry.name):
-            aside = _MOVED_ASIDE.match(entry.name)
-            if aside and not (folder / aside.group(1)).exists():
-                os.replace(entry, folder / aside.group(1))
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
+        if not (_ATOMIC_LEFTOVER.match(entry.name) and is_marked(entry)):
+            continue
+        aside = _MOVED_ASIDE.match(entry.name)
+        complete = _complete_staging(entry) if entry.name.startswith(".staging-") else None
+        if complete and not (folder / complete).exists():
+            os.replace(entry / complete, folder / complete)
+        if aside and not (folder / aside.group(1)).exists():
+            os.replace(entry, folder / aside.group(1))
+            (folder / aside.group(1) / TEMP_MARKER).unlink(missing_ok=True)
+        else:
+            remove_marked(entry)

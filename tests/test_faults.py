@@ -12,8 +12,11 @@ every checkpoint written is finite and loads.
 
 import dataclasses
 import errno
+import json
 import math
+import os
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,9 +29,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import hf_lowrank.files
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
-from hf_lowrank.files import read_json, read_safetensors, write_json
+from hf_lowrank.files import LOCK_NAME, TEMP_MARKER, read_json, read_safetensors, run_lock, write_json
 from hf_lowrank.strategies import LayerChange, Plan
-from hf_lowrank.trainer import STATE_NAME, LowRankTrainer
+from hf_lowrank.checkpoint import MANIFEST_NAME, write_manifest
+from hf_lowrank.trainer import STATE_NAME, LowRankTrainer, remove_stale_staging
 
 MLP = "transformer.h.0.mlp.c_fc"
 SHORT = {"strategy_args": {"warmup_steps": 1, "interval": 1, "stage2_at": None}}  # InRank for runs of a few steps
@@ -376,32 +380,95 @@ def test_a_disk_full_checkpoint_save_leaves_nothing_behind_and_the_run_resumes(t
     assert_clean(out)
 
 
+def test_a_full_disk_inside_torch_save_names_the_checkpoint(tmp_path, monkeypatch):
+    """The Trainer's own torch.save of optimizer.pt raised a bare ENOSPC naming no file."""
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"writing checkpoint-4 into .*\.staging-checkpoint-4 failed \(.*No space left on device\); the previous") as e:
+        build_trainer(out, SHORT, max_steps=4, save_steps=4).train()
+    assert e.value.errno == errno.ENOSPC
+    assert_clean(out)
+
+
 def test_training_start_removes_what_killed_saves_left(tmp_path):
     """A kill mid-checkpoint leaves ``.staging-checkpoint-N``; a kill in ``atomic_directory`` ``.NAME.<random>``.
 
     A kill between atomic_directory's two renames leaves the previous contents under
-    ``.NAME.old<pid>`` and nothing under ``NAME``: they are put back, not deleted.
+    ``.NAME.old<pid>`` and nothing under ``NAME``: they are put back, not deleted. A kill
+    between moving an old ``checkpoint-N`` aside and renaming the complete new one in leaves
+    the only copy in its staging folder: it is put in place. Only folders holding hf_lowrank's
+    marker are touched: the user's ``.cache.datasets`` or ``.git.previous`` (names of the same
+    form) stay.
     """
     out = tmp_path / "run"
     staged = out / ".staging-checkpoint-8" / "checkpoint-8"
     staged.mkdir(parents=True)
     (staged / "model.safetensors").write_bytes(b"\x00" * 1024)
+    (staged.parent / TEMP_MARKER).write_text("checkpoint being written")  # killed mid-save: removed
+    complete = out / ".staging-checkpoint-12"
+    (complete / "checkpoint-12").mkdir(parents=True)
+    (complete / "checkpoint-12" / "model.safetensors").write_text("complete")
+    (complete / "replaced").mkdir()  # the old checkpoint-12, moved aside
+    (complete / TEMP_MARKER).write_text(json.dumps({"complete": "checkpoint-12"}))
     for name in ("final", "kept"):
         (out / name).mkdir()
         (out / name / "model.safetensors").write_text(name)
-        # the temporary folders atomic_directory makes, as it names them
+        # the temporary folders atomic_directory makes, as it names and marks them
         half = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         (half / "model.safetensors").write_bytes(b"\x00" * 7)
+        (half / TEMP_MARKER).write_text("new contents")
     (out / ".final.old4242").mkdir()  # an older run's leftover next to a complete final/
     (out / ".final.old4242" / "model.safetensors").write_text("older")
+    (out / ".final.old4242" / TEMP_MARKER).write_text("old contents")
+    (out / "kept" / TEMP_MARKER).write_text("old contents")
     (out / "kept").rename(out / ".kept.old4343")  # killed between the two renames: no kept/ left
-    (out / ".cache").mkdir()  # not ours: left alone
+    for name in (".cache", ".cache.datasets", ".git.previous", ".staging-mine", ".notes.old1"):
+        (out / name).mkdir()  # not ours: left alone, whatever the name
+        (out / name / "data").write_text("mine")
     (out / "notes.txt").write_text("mine")
 
     build_trainer(out, SHORT, max_steps=1, save_strategy="no").train()
-    assert sorted(p.name for p in out.iterdir()) == [".cache", "final", "kept", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".cache", ".cache.datasets", ".git.previous", ".notes.old1", ".staging-mine", "checkpoint-12", "final", "kept",
+        "notes.txt",
+    ]
     assert (out / "final" / "model.safetensors").read_text() == "final"
     assert (out / "kept" / "model.safetensors").read_text() == "kept", "the only copy is restored"
+    assert sorted(p.name for p in (out / "kept").iterdir()) == ["model.safetensors"], "its marker is gone"
+    assert (out / "checkpoint-12" / "model.safetensors").read_text() == "complete", "the complete copy is kept"
+    assert all((out / n / "data").read_text() == "mine" for n in (".cache.datasets", ".git.previous", ".staging-mine"))
+
+
+def test_replacing_a_checkpoint_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    """Re-saving ``checkpoint-N`` moves the old one aside in one rename; a kill before the new one is renamed
+    in leaves the complete new copy in the (marked) staging folder, and the next start puts it in place."""
+    out = tmp_path / "run"
+    build_trainer(out, SHORT, max_steps=4, save_steps=4).train()
+    old = (out / "checkpoint-4" / "trainer_state.json").read_text()
+    real_replace = os.replace
+
+    def killed_before_the_new_one_is_in(src, dst):
+        if str(dst) == str(out / "checkpoint-4") and ".staging-" in str(src):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_new_one_is_in)
+    trainer = build_trainer(out, SHORT, max_steps=4, save_steps=4, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (out / "checkpoint-4").exists() and (out / ".staging-checkpoint-4" / "checkpoint-4").is_dir()
+    new = (out / ".staging-checkpoint-4" / "checkpoint-4" / "trainer_state.json").read_text()
+    remove_stale_staging(out)
+    assert (out / "checkpoint-4" / "trainer_state.json").read_text() == new != old
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 # -- resuming from a damaged checkpoint --------------------------------------------------------
@@ -444,12 +511,81 @@ def test_resume_refuses_a_checkpoint_without_a_valid_strategy_state(tmp_path, ch
         else:
             state["strategy_state"] = {"ranks": 3}
         write_json(state_file, state)
+    write_manifest(ckpt)  # as if the checksums were updated too: the state checks must hold on their own
 
     trainer = build_trainer(out, SHORT, max_steps=8)
     with pytest.raises(error, match=message) as e:
         trainer.train(resume_from_checkpoint=str(ckpt))
     assert str(state_file) in str(e.value)
     assert trainer.state.global_step == 0, "refused before the first step"
+
+
+def _edit_optimizer(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    for entry in state["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if entry[key].dim() == 2:
+                entry[key] = edit(key, entry[key])
+    torch.save(state, path)
+
+
+RESUME_DAMAGE = {
+    # name: (damage, error, message)
+    "no_optimizer": (lambda c: (c / "optimizer.pt").unlink(), FileNotFoundError, r"optimizer\.pt: missing, so resuming would not continue the same run \(the optimizer's moments"),
+    "no_scheduler": (lambda c: (c / "scheduler.pt").unlink(), FileNotFoundError, r"scheduler\.pt: missing, .*schedule's position"),
+    "no_rng": (lambda c: (c / "rng_state.pth").unlink(), FileNotFoundError, r"rng_state\.pth: missing, .*random state"),
+    "no_trainer_state": (lambda c: (c / "trainer_state.json").unlink(), FileNotFoundError, r"trainer_state\.json: missing"),
+    "step_edited": (
+        lambda c: write_json(c / "trainer_state.json", {**read_json(c / "trainer_state.json"), "global_step": 3}),
+        ValueError, r"trainer_state\.json: global_step=3, but the folder is checkpoint-4",
+    ),
+    "lowrank_step_edited": (
+        lambda c: write_json(c / STATE_NAME, {**read_json(c / STATE_NAME), "global_step": 6}),
+        ValueError, r"lowrank_trainer_state\.json: global_step=6, but .*trainer_state\.json says 4",
+    ),
+    "moments_1x1": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: torch.zeros(1, 1)),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter base_model\.\S+ has shape \(1, 1\), the parameter \(",
+    ),
+    "moments_a_row_larger": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: torch.cat([t, t[:1]])),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter \S+ has shape",
+    ),
+    "inf_moment": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: t.fill_(math.inf) if k == "exp_avg_sq" else t),
+        ValueError, r"optimizer\.pt: 'exp_avg_sq' of parameter \S+ holds NaN or Inf",
+    ),
+    "moment_dtype": (
+        lambda c: _edit_optimizer(c / "optimizer.pt", lambda k, t: t.double()),
+        ValueError, r"optimizer\.pt: 'exp_avg' of parameter \S+ has dtype torch\.float64",
+    ),
+    "optimizer_truncated": (
+        lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:300]),
+        ValueError, r"optimizer\.pt: not a readable torch file",
+    ),
+    "optimizer_not_a_state": (lambda c: torch.save([1, 2], c / "optimizer.pt"), ValueError, r"optimizer\.pt: not an optimizer state"),
+    "scheduler_step_edited": (
+        lambda c: torch.save({**torch.load(c / "scheduler.pt", weights_only=True), "last_epoch": 2}, c / "scheduler.pt"),
+        ValueError, r"scheduler\.pt: the schedule was saved at step 2, but .*global_step=4",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(RESUME_DAMAGE))
+def test_resume_refuses_a_checkpoint_that_would_not_continue_the_same_run(tmp_path, checkpoint, damage):
+    """Missing optimizer, scheduler or RNG state, an edited step, an optimizer state that does not fit the
+    parameters (a (1, 1) moment made torch's step crash the process): refused before the first step, naming the file."""
+    out = tmp_path / "run"
+    ckpt = out / checkpoint.name
+    shutil.copytree(checkpoint, ckpt)
+    edit, error, message = RESUME_DAMAGE[damage]
+    edit(ckpt)
+    write_manifest(ckpt)  # an edit that also updates the checksums: the checks behind them must hold on their own
+    trainer = build_trainer(out, SHORT, max_steps=8)
+    with pytest.raises(error, match=message) as e:
+        trainer.train(resume_from_checkpoint=str(ckpt))
+    assert str(ckpt) in str(e.value)
+    assert not (out / "checkpoint-8").exists() and not any(x.get("step", 0) > 4 for x in trainer.state.log_history)
 
 
 # -- the best checkpoint survives rotation and a resume ------------------------------------------
@@ -497,3 +633,48 @@ def test_the_best_checkpoint_is_kept_and_loaded_after_a_resume(tmp_path):
     assert resumed.model.rank_pattern() == best.rank_pattern(), "the best checkpoint's shapes were loaded"
     loaded, saved = resumed.model.state_dict(), best.state_dict()
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+# -- one run per output_dir ---------------------------------------------------------------------
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
+    """A live lock holder (here this very process, through another open file) refuses the second run before any step."""
+    out = tmp_path / "run"
+    with run_lock(out):
+        holder = json.loads((out / LOCK_NAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        trainer = build_trainer(out, SHORT, max_steps=2, save_steps=1)
+        with pytest.raises(RuntimeError, match=rf"in use by another training run \(pid {os.getpid()} on host "):
+            trainer.train()
+        assert trainer.state.global_step == 0 and not list(out.glob("checkpoint-*"))
+    assert not (out / LOCK_NAME).exists(), "released when the holder ends"
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    """A killed run leaves its lock file, but no process holds the lock any more: the next run goes ahead."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": socket.gethostname(), "since": "earlier"}))
+    trainer = build_trainer(out, SHORT, max_steps=2, save_strategy="no")
+    trainer.train()
+    assert trainer.state.global_step == 2 and not (out / LOCK_NAME).exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    trainer = build_trainer(tmp_path / "run", SHORT, max_steps=2)
+    trainer.args.output_dir = str(tmp_path / "a_file" / "run")  # a folder under a file: never writable
+    with pytest.raises(OSError, match="output_dir=.* cannot be written"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_saved_folders_follow_the_umask(tmp_path):
+    """atomic_directory's temporary is made 0700 by mkdtemp; the saved folder gets the umask's mode like any mkdir."""
+    previous = os.umask(0o027)
+    try:
+        get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750

@@ -7,10 +7,11 @@ a checkpoint every 4 steps.
 
 import pytest
 import torch
-from helpers_train import TokenDataset, build_trainer, run
+import transformers
+from helpers_train import TokenDataset, build_trainer, record, run
 
 from hf_lowrank import LowRankConfig, optim
-from hf_lowrank.strategies import LayerChange, Plan
+from hf_lowrank.strategies import REGISTRY, LayerChange, Plan
 
 VARIANTS = {
     "factorized": {"mode": "factorized"},  # InRank-Efficient, the authors' code
@@ -135,3 +136,55 @@ def test_truncation_resets_only_the_truncated_factors(trained):
     opt.step()
     assert int(opt.state[layer.A]["step"]) == int(opt.state[layer.B]["step"]) == 1
     assert all(int(opt.state[p]["step"]) == 5 for p in untouched)
+
+
+# -- resuming with the same trainer object (a notebook, a retry after an error) -------------------
+
+SAME_TRAINER_STEPS, SAME_TRAINER_SAVE = 24, 4
+
+
+# Settings that make each strategy change the layout after a checkpoint of a 24-step run.
+SAME_TRAINER_ARGS = {"cuttlefish": {"select_layers": "all"}, "warm_start": {"dense_steps": 0.5}, "inrank": {"stage2_at": 0.5}}
+
+
+def _lowrank_for(name: str) -> dict:
+    return {"strategy": name, "strategy_args": SAME_TRAINER_ARGS.get(name, {})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n, cls in REGISTRY.items() if cls.changes_shapes and cls.__module__.startswith("hf_lowrank.")))
+def test_resuming_with_the_same_trainer_after_a_rank_change_is_the_uninterrupted_run(name, tmp_path):
+    """``t.train()`` changes the layout; ``t.train(resume_from_checkpoint=<earlier>)`` must rebuild the layout,
+    the optimizer and the strategy as a fresh process does (it trained stale tensors before)."""
+    settings = dict(max_steps=SAME_TRAINER_STEPS, save_steps=SAME_TRAINER_SAVE)
+    full = run(tmp_path / "full", lowrank=_lowrank_for(name), **settings)
+    at = (max(full["plan_steps"]) - 1) // SAME_TRAINER_SAVE * SAME_TRAINER_SAVE  # the last checkpoint before the last change
+    assert at >= SAME_TRAINER_SAVE, f"the layout changes after a checkpoint ({full['plan_steps']})"
+    trainer = build_trainer(tmp_path / "same", _lowrank_for(name), **settings)
+    trainer.train()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "same" / f"checkpoint-{at}"))
+    assert_same_run(record(trainer), full, after=at)
+    live = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == live, "the optimizer holds the live factors"
+
+
+def test_a_retry_after_an_interrupted_run_is_the_uninterrupted_run(uninterrupted, tmp_path):
+    """Ctrl-C right after InRank's stage-2 truncation (before its checkpoint), then ``train(resume_from_checkpoint=True)``
+    on the same trainer: the latest checkpoint is checkpoint-4, from before the truncation."""
+    mode, _, full = uninterrupted
+
+    class Interrupt(transformers.TrainerCallback):
+        fired = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == STAGE2 and not Interrupt.fired:
+                Interrupt.fired = True
+                raise KeyboardInterrupt
+
+    trainer = build_trainer(tmp_path, VARIANTS[mode])
+    trainer.add_callback(Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.model.rank_pattern() != LowRankConfig.from_pretrained(tmp_path / "checkpoint-4").rank_pattern
+    trainer.train(resume_from_checkpoint=True)  # the latest checkpoint: checkpoint-4
+    assert_same_run(record(trainer), full, after=4)

@@ -88,3 +88,63 @@ def test_strategy_contract(name, tmp_path):
     assert resumed["rank_pattern"] == full["rank_pattern"]
     assert deterministic(resumed["strategy_state"]) == deterministic(full["strategy_state"])
     assert resumed["plan_steps"] == full["plan_steps"]
+
+
+# -- a corrupted strategy state is refused, naming the file and the field --------------------------
+
+# Per strategy: (field, how the state is corrupted). Every strategy of the library has cases here.
+CORRUPT = {
+    "fixed": [("strategy_state", lambda s, layers: {"ranks": {}})],
+    "inrank": [
+        ("strategy_state.frozen", lambda s, layers: {**s, "frozen": "false"}),  # bool("false") was True
+        ("strategy_state.buffers", lambda s, layers: {**s, "buffers": {n: 10**6 for n in s["buffers"]}}),
+        ("strategy_state.ranks", lambda s, layers: {**s, "ranks": {n: 10**12 for n in s["ranks"]}}),
+        ("strategy_state.ranks", lambda s, layers: {**s, "ranks": dict(list(s["ranks"].items())[1:]), "buffers": dict(list(s["buffers"].items())[1:])}),
+        ("strategy_state.ranks", lambda s, layers: {**s, "ranks": {"transformer.h.9.mlp.c_fc": 2}, "buffers": {"transformer.h.9.mlp.c_fc": 2}}),
+    ],
+    "cuttlefish": [
+        ("strategy_state.switched_at", lambda s, layers: {**s, "switched_at": 3}),  # a switch without its decisions
+        ("strategy_state.switched_at", lambda s, layers: {**s, "switched_at": "x"}),
+        ("strategy_state.xi", lambda s, layers: {**s, "xi": {layers[0]: "big"}}),
+        ("strategy_state.stable", lambda s, layers: {**s, "stable": {layers[0]: "false"}}),
+    ],
+    "warm_start": [
+        ("strategy_state.switched_at", lambda s, layers: {**s, "switched_at": "x"}),
+        ("strategy_state.switched_at", lambda s, layers: {**s, "switched_at": 2}),  # no switch was applied at step 2
+        ("strategy_state.switched_at", lambda s, layers: {**s, "switched_at": 10**9}),  # after the checkpoint's step
+    ],
+    "dynamic": [
+        ("strategy_state.phase", lambda s, layers: {**s, "phase": "bogus"}),
+        ("strategy_state.phase", lambda s, layers: {**s, "phase": "dense", "inflate_step": 1, "deflate_step": 2}),  # layers are factorized
+        ("strategy_state.inflate_step", lambda s, layers: {**s, "inflate_step": -3}),
+        ("strategy_state.metric_history", lambda s, layers: {**s, "metric_history": [[1, "nan"]]}),
+    ],
+}
+GENERIC = [  # every strategy: not a dict, a key missing, a key too many
+    ("strategy_state", lambda s, layers: [s]),
+    ("strategy_state", lambda s, layers: {**s, "extra": 1}),
+    ("strategy_state", lambda s, layers: dict(list(s.items())[1:]) if s else {"extra": 1}),
+]
+
+
+def test_every_strategy_has_corrupted_state_cases():
+    assert set(CORRUPT) == set(LIBRARY)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_a_corrupted_strategy_state_is_refused_naming_the_file_and_the_field(name):
+    """A checkpoint is untrusted: each corrupted state raises before anything is restored, naming file and field."""
+    from helpers_train import tiny_gpt2
+
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**lowrank(name)))
+    good = model.lowrank_state_dict()
+    good["global_step"] = 4
+    model.load_lowrank_state_dict(json.loads(json.dumps(good)), source="ckpt/lowrank_trainer_state.json")  # the valid state loads
+    layers = sorted(model.lowrank_layers())
+    for field, corrupt in CORRUPT[name] + GENERIC:
+        state = json.loads(json.dumps(good))
+        state["strategy_state"] = corrupt(state["strategy_state"], layers)
+        before = model.strategy.state_dict()
+        with pytest.raises(ValueError, match=r"^ckpt/lowrank_trainer_state\.json: .*" + field.replace(".", r"\.")) as e:
+            model.load_lowrank_state_dict(state, source="ckpt/lowrank_trainer_state.json")
+        assert model.strategy.state_dict() == before, f"nothing restored from {e.value}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -131,6 +132,78 @@ class TrainContext:
     tokens_per_batch: int = 2048  # tokens in one micro-batch on one process, for profiling
 
 
+@dataclass
+class StateContext:
+    """What a saved strategy state is checked against: the model's layers, the checkpoint's step, the plan steps."""
+
+    layers: dict[str, LowRankLinear]
+    global_step: int | None = None
+    plan_steps: frozenset = frozenset()
+
+
+class StateFields:
+    """A strategy state read field by field; a bad value raises ``ValueError`` naming ``strategy_state.<field>``.
+
+    A checkpoint is untrusted data: ``"false"`` must not become True, nor ``10**12`` a rank.
+    """
+
+    def __init__(self, state: Any, keys: tuple[str, ...], ctx: StateContext | None = None):
+        if not isinstance(state, dict):
+            fail("strategy_state", type(state).__name__, f"give the dict state_dict() writes, with keys {list(keys)}")
+        missing, unknown = [k for k in keys if k not in state], sorted(set(state) - set(keys))
+        if missing or unknown:
+            fail("strategy_state", sorted(state), f"it needs exactly the keys {list(keys)} (missing {missing}, unknown {unknown})")
+        self.state, self.ctx = state, ctx
+
+    def bool(self, key: str) -> bool:
+        value = self.state[key]
+        if not isinstance(value, bool):
+            fail(f"strategy_state.{key}", value, "give true or false")
+        return value
+
+    def int(self, key: str, low: int = 0, high: int | None = None, value: Any = ..., field: str | None = None) -> int:
+        value = self.state[key] if value is ... else value
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)):
+            fail(field or f"strategy_state.{key}", value, f"give an int in [{low}, {'any' if high is None else high}]")
+        return value
+
+    def step(self, key: str, none: bool = True) -> int | None:
+        """A step of the run: None (if allowed) or an int in [0, global_step]."""
+        value = self.state[key]
+        if value is None and none:
+            return None
+        high = self.ctx.global_step if self.ctx is not None else None
+        return self.int(key, 0, high)
+
+    def number(self, value: Any, field: str, low: float = -math.inf) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+            fail(field, value, f"give a finite number >= {low}")
+        return float(value)
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str:
+        value = self.state[key]
+        if value not in options:
+            fail(f"strategy_state.{key}", value, f"give one of {list(options)}")
+        return value
+
+    def layer_names(self, key: str, names: Any) -> list[str]:
+        """Names that must be low-rank layers of the model (checked when the model is known)."""
+        if not (isinstance(names, (list, dict)) and all(isinstance(n, str) for n in names)):
+            fail(f"strategy_state.{key}", names, "give layer names")
+        if self.ctx is not None:
+            unknown = sorted(set(names) - set(self.ctx.layers))
+            if unknown:
+                fail(f"strategy_state.{key}", unknown[:3], f"they are not low-rank layers of this model ({sorted(self.ctx.layers)[:3]}...)")
+        return list(names)
+
+    def layer_map(self, key: str) -> dict[str, Any]:
+        value = self.state[key]
+        if not isinstance(value, dict):
+            fail(f"strategy_state.{key}", type(value).__name__, "give a dict of layer names")
+        self.layer_names(key, value)
+        return value
+
+
 REGISTRY: dict[str, type["RankStrategy"]] = {}
 
 
@@ -154,28 +227,67 @@ def register_strategy(cls: type["RankStrategy"]) -> type["RankStrategy"]:
     return cls
 
 
-def get_strategy(name: Any) -> type["RankStrategy"]:
-    """The strategy class registered under ``name``.
+def _registered_as(module: str, attr: str) -> type["RankStrategy"] | None:
+    """The registered class defined as ``attr`` in ``module``, found without importing anything."""
+    for cls in REGISTRY.values():
+        if cls.__module__ == module and cls.__qualname__ == attr:
+            return cls
+    return None
 
-    ``name`` may also be ``"package.module:Class"``: the module is imported (which registers
-    the class) and the class is returned, so a recipe can use a strategy from the user's code.
-    """
-    if isinstance(name, str) and ":" in name and name not in REGISTRY:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            fail("LowRankConfig.strategy", name, f"'module:Class' must name an importable RankStrategy subclass ({e})")
-        if not (isinstance(cls, type) and issubclass(cls, RankStrategy)):
-            fail("LowRankConfig.strategy", name, "'module:Class' must name a RankStrategy subclass")
-        return cls
-    if not isinstance(name, str) or name not in REGISTRY:
-        fail(
-            "LowRankConfig.strategy",
-            name,
-            f"choose one of {sorted(REGISTRY)}, or 'module:Class' for a RankStrategy defined in your own code",
+
+def unavailable_message(name: Any) -> str:
+    """Why ``name`` names no strategy of this process, and the ways to provide it."""
+    if isinstance(name, str) and ":" in name:
+        module = name.partition(":")[0]
+        return (
+            f"no strategy is registered as {name!r}, and hf_lowrank never imports a module that a config, a recipe or a "
+            f"saved model names (that would run its code). Import it yourself first (import {module}; its RankStrategy "
+            "subclass registers on import), or opt in to the import: hf_lowrank.get_strategy(name, trust_remote_code=True) "
+            "before building the config, LowRankModel.from_pretrained(..., trust_remote_code=True), or "
+            "hf-lowrank train --trust_remote_code (which also finds modules in the working directory; else set PYTHONPATH)"
         )
-    return REGISTRY[name]
+    return (
+        f"choose one of {sorted(REGISTRY)}, or import the module that defines your strategy first (a RankStrategy subclass "
+        "registers its name on import), or name it 'module:Class' with trust_remote_code=True"
+    )
+
+
+def find_strategy(name: Any) -> type["RankStrategy"] | None:
+    """The strategy class ``name`` names if this process has it registered, else None; never imports.
+
+    ``name`` is a registered name (``"inrank"``) or ``"module:Class"`` of a class already
+    registered, i.e. whose module the user's own code has imported.
+    """
+    if not isinstance(name, str) or not name:
+        fail("LowRankConfig.strategy", name, f"give a strategy name, one of {sorted(REGISTRY)}, or 'module:Class'")
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        return _registered_as(module, attr)
+    return None
+
+
+def get_strategy(name: Any, trust_remote_code: bool = False) -> type["RankStrategy"]:
+    """The strategy class registered under ``name`` (a registered name or ``"package.module:Class"``).
+
+    A ``"module:Class"`` strategy is found when its module is already imported (which
+    registered the class). Only with ``trust_remote_code=True`` is the module imported here,
+    running its code: never do that for a name read from a file you did not write.
+    """
+    cls = find_strategy(name)
+    if cls is not None:
+        return cls
+    if not (trust_remote_code and ":" in name):
+        fail("LowRankConfig.strategy", name, unavailable_message(name))
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        fail("LowRankConfig.strategy", name, f"'module:Class' must name an importable RankStrategy subclass ({e}); put its folder on PYTHONPATH")
+    if not (isinstance(cls, type) and issubclass(cls, RankStrategy)):
+        fail("LowRankConfig.strategy", name, "'module:Class' must name a RankStrategy subclass")
+    return cls
 
 
 class RankStrategy:
@@ -272,6 +384,17 @@ class RankStrategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+        self.check_state(state)
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        """Raise ``ValueError`` naming ``strategy_state.<field>`` for a state ``load_state_dict`` must not take.
+
+        Types and ranges always; with ``ctx`` (as when resuming) also layer names, sizes and steps
+        against the model and the checkpoint. The default accepts only the empty state of a
+        strategy without state.
+        """
+        if type(self).state_dict is RankStrategy.state_dict:
+            StateFields(state, ())
 
     def fraction_to_step(self, value: float | int, name: str) -> int:
         """A schedule point given as a fraction of training (float <= 1) or an absolute step (int)."""
@@ -283,3 +406,40 @@ class RankStrategy:
                 f"(max_steps={max_steps}); give a fraction in [0, 1] or a step <= {max_steps}."
             )
         return step
+
+
+class UnavailableStrategy(RankStrategy):
+    """Stands in for a strategy this process does not have, on a model loaded with its saved layout.
+
+    Inference, ``summary``, ``merge_and_unload`` and saving need only the layout, which the
+    saved rank pattern gives; training (and restoring the strategy's state) needs the
+    strategy itself, and is refused with how to provide it. Not registered (no ``name``).
+    """
+
+    def __init__(self, config: "LowRankConfig"):
+        self.config = config
+        self.args = None
+        self.context = None
+
+    @property
+    def message(self) -> str:
+        return (
+            f"LowRankConfig.strategy={self.config.strategy!r}: this model was trained with a strategy this process does "
+            f"not have. Loading, inference, inspect and merge work without it; training or resuming needs it: "
+            f"{unavailable_message(self.config.strategy)}."
+        )
+
+    def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
+        raise ValueError(self.message)
+
+    def bind(self, context: TrainContext) -> None:
+        raise ValueError(self.message)
+
+    def is_final(self) -> bool:
+        return False  # it cannot say; training is refused in bind
+
+    def state_dict(self) -> dict[str, Any]:
+        raise ValueError(self.message)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise ValueError(self.message)

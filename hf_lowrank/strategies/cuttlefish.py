@@ -21,7 +21,7 @@ from ..checks import fail
 from ..layer import LayerSpec, LowRankLinear
 from ..profiling import profile_layer
 from ..spectral import scaled_stable_rank, stable_rank
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
+from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
 
 
 @dataclass
@@ -310,7 +310,32 @@ class Cuttlefish(RankStrategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.xi = {k: float(v) for k, v in state["xi"].items()}
         self.detector.load_state_dict(state)
         self.switched_at = state["switched_at"]
         self.decisions = [dict(row) for row in state["decisions"]]
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        f = StateFields(state, ("xi", "history", "stable", "initial", "switched_at", "decisions"), ctx)
+        for name, value in f.layer_map("xi").items():
+            f.number(value, f"strategy_state.xi[{name!r}]", 0.0)
+        for name, values in f.layer_map("history").items():
+            if not isinstance(values, list):
+                fail(f"strategy_state.history[{name!r}]", values, "give a list of stable ranks")
+            for value in values:
+                f.number(value, f"strategy_state.history[{name!r}]", 0.0)
+        for name, value in f.layer_map("stable").items():
+            if not isinstance(value, bool):
+                fail(f"strategy_state.stable[{name!r}]", value, "give true or false")
+        if not isinstance(state["initial"], list):
+            fail("strategy_state.initial", state["initial"], "give a list of layer names")
+        f.layer_names("initial", state["initial"])
+        switched = f.step("switched_at")
+        decisions = state["decisions"]
+        if not (isinstance(decisions, list) and all(isinstance(row, dict) and isinstance(row.get("layer"), str) for row in decisions)):
+            fail("strategy_state.decisions", decisions, "give a list of per-layer decisions, each with its 'layer'")
+        f.layer_names("decisions", [row["layer"] for row in decisions])
+        if (switched is None) != (not decisions):
+            fail("strategy_state.switched_at", switched, "the switch and its per-layer decisions come together: "
+                 + ("decisions are recorded, so give the step of the switch" if decisions else "no decision is recorded, so give null"))

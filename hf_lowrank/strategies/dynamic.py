@@ -18,7 +18,7 @@ import torch
 from ..checks import fail, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import condition_ratio, effective_rank, energy_fraction
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
+from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,27 @@ class DynamicRank(RankStrategy):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.phase = state["phase"]
         self.inflate_step = state["inflate_step"]
         self.deflate_step = state["deflate_step"]
         self.metric_history = [list(x) for x in state["metric_history"]]
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        f = StateFields(state, ("phase", "inflate_step", "deflate_step", "metric_history"), ctx)
+        phase = f.choice("phase", ("factorized", "dense", "residual"))
+        for key in ("inflate_step", "deflate_step"):
+            if state[key] is not None or phase != "factorized":
+                f.int(key, 0)
+        history = state["metric_history"]
+        if not isinstance(history, list):
+            fail("strategy_state.metric_history", history, "give a list of [step, value] pairs")
+        for pair in history:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                fail("strategy_state.metric_history", pair, "give [step, value] pairs")
+            f.int("metric_history", 0, ctx.global_step if ctx else None, pair[0], "strategy_state.metric_history step")
+            f.number(pair[1], "strategy_state.metric_history value")
+        if ctx is not None:
+            # (the residual phase is not checked: a deflate whose SVD failed leaves its layer dense)
+            if phase != "residual" and ctx.layers and not any(layer.mode == phase for layer in ctx.layers.values()):
+                fail("strategy_state.phase", phase, f"no layer of the model is {phase}, so the checkpoint is in another phase")

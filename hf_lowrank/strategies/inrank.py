@@ -20,7 +20,7 @@ from typing import Any, Union
 from ..checks import check_choice, fail, is_int, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import first_rank_above
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
+from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
 
 # The authors' GPT-2 small run, in optimizer steps (their configs count forward calls of a layer,
 # 8 per step: 8 micro-batches of 8 sequences on each of 8 GPUs make the global batch of 512):
@@ -237,6 +237,23 @@ class InRank(RankStrategy):
         return {"ranks": dict(self.ranks), "buffers": dict(self.buffers), "frozen": self.frozen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.ranks = dict(state["ranks"])
         self.buffers = dict(state["buffers"])
-        self.frozen = bool(state["frozen"])
+        self.frozen = state["frozen"]
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        f = StateFields(state, ("ranks", "buffers", "frozen"), ctx)
+        frozen = f.bool("frozen")
+        ranks, buffers = f.layer_map("ranks"), f.layer_map("buffers")
+        if set(ranks) != set(buffers):
+            fail("strategy_state.buffers", sorted(set(ranks) ^ set(buffers))[:3], "ranks and buffers name the same layers")
+        if ctx is not None and ranks and set(ranks) != set(ctx.layers):
+            fail("strategy_state.ranks", sorted(set(ctx.layers) - set(ranks))[:3], "every low-rank layer has a rank once InRank laid them out; these are missing")
+        for name in ranks:
+            layer = ctx.layers[name] if ctx is not None else None
+            cap = (layer.capacity or layer.full_rank) if layer is not None else None
+            r = f.int("ranks", 1, cap, ranks[name], f"strategy_state.ranks[{name!r}]")
+            f.int("buffers", 0, cap, buffers[name], f"strategy_state.buffers[{name!r}]")
+            if cap is not None and not frozen and r + buffers[name] > cap:
+                fail(f"strategy_state.buffers[{name!r}]", buffers[name], f"rank {r} + buffer must fit the layer's capacity {cap}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..checks import resolve_size
+from ..checks import fail, resolve_size
 from ..layer import LayerSpec, LowRankLinear
-from .base import LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
+from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
 
 
 @dataclass
@@ -99,4 +99,18 @@ class WarmStart(RankStrategy):
         return {"switched_at": self.switched_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
         self.switched_at = state["switched_at"]
+
+    def check_state(self, state: Any, ctx: StateContext | None = None) -> None:
+        f = StateFields(state, ("switched_at",), ctx)
+        switched = f.step("switched_at")
+        if switched == 0:
+            fail("strategy_state.switched_at", 0, "the switch comes after an optimizer step: give a step >= 1 or null")
+        if ctx is None:
+            return
+        if switched is not None and switched not in ctx.plan_steps:
+            fail("strategy_state.switched_at", switched, f"no plan was applied at that step (plans at {sorted(ctx.plan_steps)}); "
+                 "give the step of the dense -> factorized switch, or null before it")
+        if switched is None and any(layer.mode != "dense" for layer in ctx.layers.values()):
+            fail("strategy_state.switched_at", None, "the layers are already factorized, so the switch happened; give its step")
