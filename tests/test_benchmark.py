@@ -373,3 +373,19 @@ def test_memory_is_counted_from_the_tensors():
     optimizer.step()
     step = optimizer.state[model[0].weight]["step"]
     assert optimizer_state_bytes(optimizer) == 2 * 4 * 20 + step.numel() * step.element_size()
+
+
+def test_llama_model_of_a_scale_has_linear_projections_and_the_same_data():
+    """--set architecture=llama builds a Llama of the scale's size (RMSNorm, SwiGLU, rotary, nn.Linear) for every row."""
+    import transformers
+
+    gpt2, llama = SCALES["cpu-long"], SCALES["cpu-long"].replace(architecture="llama")
+    model = recipe.build_model(llama.options(), None)
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 4, 4)
+    assert config.hidden_act == "silu" and type(model.model.norm).__name__ == "LlamaRMSNorm"
+    blocks = [m for n, m in model.named_modules() if n.endswith(tuple(PLACEMENTS["llama"]["blocks"]))]
+    assert len(blocks) == 4 * 7 and all(type(m) is torch.nn.Linear for m in blocks), "what GaLore and APOLLO project"
+    same = ("dataset", "vocab_size", "block_size", "max_steps", "per_device_train_batch_size", "learning_rate", "seed")
+    assert all(getattr(llama.options(), k) == getattr(gpt2.options(), k) for k in same), "the same tokenizer, data and run"
