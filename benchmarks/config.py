@@ -7,7 +7,8 @@ every row trains through the recipe's own model builder, data and ``TrainingArgu
 
 Rows: full rank, both InRank formulations, the fixed-rank control and Kamalakara's spectral
 init, then one row per registered strategy (``hf_lowrank.strategies.REGISTRY``: a new strategy
-gets a row with its defaults), and full rank under ``torch.compile``. ``fixed``, ``spectral``,
+gets a row with its defaults), the peers GaLore and APOLLO (transformers' own optimizers on the
+plain Llama model, :data:`PEERS`), and full rank under ``torch.compile``. ``fixed``, ``spectral``,
 ``warm_start`` and ``dynamic`` take InRank's final rank (the sum of its final ranks over the sum
 of full ranks), so that they are compared at the rank InRank found.
 """
@@ -102,7 +103,8 @@ class Scale:
         """The RecipeOptions of a row: the scale's recipe settings, then the row's ``overrides``."""
         from hf_lowrank.recipe import RecipeOptions
 
-        return RecipeOptions(**{"task": "clm", **self.recipe, "use_cpu": self.device == "cpu", **overrides})
+        training = {**self.recipe.get("training", {}), **overrides.get("training", {})}  # a row's TrainingArguments fields join the scale's
+        return RecipeOptions(**{"task": "clm", **self.recipe, "use_cpu": self.device == "cpu", **overrides, "training": training})
 
     def target_modules(self) -> list[str]:
         return PLACEMENTS[self.options().architecture][self.targets]
@@ -170,11 +172,14 @@ class Row:
 
     name: str
     label: str
-    lowrank: dict[str, Any]
+    lowrank: Union[dict[str, Any], bool]  # False: a peer's row, no low-rank layers
     reference: str = "full"  # the row its ratios and its time to quality are taken against
     steps_fraction: float = 1.0  # a shorter row runs this fraction of the scale's steps
     compiled: bool = False  # trains under torch.compile (accelerate's dynamo plugin)
     note: str = ""
+    # A peer's row: no low-rank layers (lowrank false), the plain model under the Trainer with
+    # these TrainingArguments fields (optim, optim_args, optim_target_modules); see PEERS.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 FULL = Row("full", "full rank", {"mode": "dense", "strategy": "fixed"})
@@ -208,6 +213,46 @@ FULL_COMPILED = Row(
 )
 
 
+# -- peers: what a user would pick instead, through transformers' Trainer (docs/peers.md) ----------
+#
+# GaLore (Zhao et al. 2024) for its smallest model, LLaMA 60M (hidden 512): rank 128, projection
+# refreshed every 200 steps, update scale 0.25; rank scaled to the width here (hidden / 4).
+# APOLLO (Zhu et al. 2024) for the same model: rank 256 (hidden / 2), random projection refreshed
+# every 200 steps, channel-wise scaling, scale 1. Both project the gradients of the layers the
+# strategies make low-rank (the placement), which must be nn.Linear: the Llama model.
+PEERS = {
+    "galore": {"optim": "galore_adamw", "rank_per_width": 1 / 4, "args": {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}},
+    "apollo": {
+        "optim": "apollo_adamw", "rank_per_width": 1 / 2,
+        "args": {"update_proj_gap": 200, "scale": 1.0, "proj": "random", "scale_type": "channel", "proj_type": "std"},
+    },
+}
+GALORE = Row(
+    "galore", "GaLore (peer)", False,
+    note="transformers' optim=galore_adamw on the plain model: full weights and gradients, AdamW state of the placement's "
+    "layers projected to a low rank",
+)
+APOLLO = Row(
+    "apollo", "APOLLO (peer)", False,
+    note="transformers' optim=apollo_adamw on the plain model: full weights and gradients, AdamW state in a random "
+    "low-rank projection that scales the full gradient channel-wise",
+)
+
+
+def peer_recipe(name: str, scale: "Scale") -> dict[str, Any]:
+    """The TrainingArguments fields of peer row ``name`` at ``scale``: its optimizer on the placement's layers."""
+    peer, opts = PEERS[name], scale.options()
+    rank = max(1, round(opts.n_embd * peer["rank_per_width"]))
+    args = ",".join(f"{k}={v}" for k, v in {"rank": rank, **peer["args"]}.items())
+    return {"training": {"optim": peer["optim"], "optim_args": args, "optim_target_modules": scale.target_modules()}}
+
+
+def default_rows(scale: "Scale") -> list[str]:
+    """The rows a benchmark runs when ``--rows`` is not given: every row, the peers only on a model they can train."""
+    linear = scale.options().architecture != "gpt2"  # GaLore and APOLLO project nn.Linear layers; GPT-2's are Conv1D
+    return [r for r in row_names() if linear or r not in PEERS]
+
+
 def all_rows() -> list[Row]:
     """Every row in run order (InRank before the rows that take its final rank), from the strategy registry."""
     from hf_lowrank.strategies import REGISTRY
@@ -219,7 +264,7 @@ def all_rows() -> list[Row]:
         rows.append(STRATEGY_ROWS.get(name, Row(name, name, {"strategy": name})))
         if name == "fixed":
             rows.append(SPECTRAL)
-    return rows + [FULL_COMPILED]
+    return rows + [GALORE, APOLLO, FULL_COMPILED]
 
 
 ROWS = all_rows()  # the built-in rows; row_names() re-reads the registry for strategies registered later
@@ -250,6 +295,10 @@ def get_row(name: str, scale: Scale, inrank_rank: float | None = None, ablation:
         fail("row", name, f"choose from {', '.join(by_name)}")
     row = by_name[name]
     opts = scale.options()
+    if name in PEERS:
+        if opts.architecture == "gpt2":
+            fail("row", name, "GaLore and APOLLO project nn.Linear layers and GPT-2's block layers are Conv1D: add --set architecture=llama")
+        return dataclasses.replace(row, lowrank=False, recipe=peer_recipe(name, scale))
     lowrank = {"target_modules": scale.target_modules(), **row.lowrank}
     if lowrank.get("mode") == "residual" and lowrank.get("residual_base") == "orthogonal":
         # From scratch, everything but the frozen W0 trains: embeddings, norms, the layers left dense.

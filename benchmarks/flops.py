@@ -31,7 +31,10 @@ def layout(model) -> Layout:
     """Mode and active rank of every low-rank layer of a LowRankModel (rank = full rank when dense).
 
     Mode and rank come from the model's own ``layer_report()``; the layer's two sizes from the layer.
+    A plain transformers model (a peer's row) has none: its linear layers are in ``other_flops``.
     """
+    if not hasattr(model, "lowrank_layers"):
+        return {}
     layers = model.lowrank_layers()
     return {
         r["layer"]: [r["mode"], r["rank"], layers[r["layer"]].in_features, layers[r["layer"]].out_features]

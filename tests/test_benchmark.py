@@ -12,8 +12,10 @@ sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not 
 
 from benchmarks import run as bench  # noqa: E402
 from benchmarks.config import (  # noqa: E402
+    PEERS,
     PLACEMENTS,
     SCALES,
+    default_rows,
     get_row,
     parse_rates,
     parse_settings,
@@ -48,7 +50,7 @@ def test_rows_train_through_the_recipe(tmp_path, monkeypatch, capsys):
 
     # one model builder and one set of TrainingArguments: the recipe's, for every row
     trained = [o for o in built if o.lowrank == {}]  # the pre-flight check builds with each row's lowrank settings
-    assert len(trained) == 3 and len(arguments) == 3
+    assert len(trained) == 3 and len(arguments) == 6  # each row's check builds its TrainingArguments before any data too
     assert {o.learning_rate for o in arguments} == {SCALES["cpu"].recipe["learning_rate"]}
     assert all(o.per_device_train_batch_size == 4 and o.max_steps == 6 and o.use_cpu for o in arguments)
     printed = capsys.readouterr().out
@@ -331,3 +333,88 @@ def test_price_plot_has_one_point_per_setting(tmp_path):
 
     bench.run_seeds("cpu", tmp_path / "s", ["full", "spectral"], TINY, [0], 0.25, False, None, {})
     assert plot_price([tmp_path / "s"], tmp_path / "price.png").stat().st_size > 10_000
+needs_galore = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("galore_torch") is None, reason="the GaLore row needs galore-torch (pip install -e '.[galore]')"
+)
+
+
+@pytest.mark.slow
+@needs_galore
+def test_peers_train_the_plain_llama_with_their_optimizer_and_memory_is_counted(tmp_path):
+    import importlib.util
+
+    peers = ["galore"] + (["apollo"] if importlib.util.find_spec("apollo_torch") else [])
+    report = bench.run_benchmark("cpu", tmp_path, ["full", "inrank", *peers], {**TINY, "architecture": "llama"}, isolate=False, command="test")
+    rows = {name: read_json(tmp_path / "rows" / name / "metrics.json") for name in ["full", "inrank", *peers]}
+    full, galore = rows["full"], rows["galore"]
+    # the peers' own optimizer on the layers the strategies make low-rank, the plain model (no LowRankLinear)
+    assert galore["optim"] == "galore_adamw" and galore["lowrank_config"] is False
+    assert galore["optim_target_modules"] == PLACEMENTS["llama"]["blocks"]
+    assert galore["optim_args"].startswith("rank=8,update_proj_gap=200,scale=0.25"), "the paper's 128 at 512 wide, scaled to 32"
+    assert galore["trainable_params"] == full["trainable_params"] and galore["strategy_state"] == {}
+    # memory from the tensors: the same weights and gradients as full rank, less optimizer state (its projection)
+    mem, full_mem = galore["memory"], full["memory"]
+    assert mem["weights_bytes"] == full_mem["weights_bytes"] == 4 * full["total_params"]
+    assert mem["gradients_bytes"] == full_mem["gradients_bytes"] == 4 * full["trainable_params"]
+    assert 0 < mem["optimizer_state_bytes"] < full_mem["optimizer_state_bytes"]
+    assert full_mem["optimizer_state_bytes"] >= 2 * full_mem["weights_bytes"], "AdamW: two moments per weight"
+    assert mem["weights_plus_optimizer_bytes"] == mem["weights_bytes"] + mem["optimizer_state_bytes"]
+    assert mem["process_peak_rss_bytes"] > mem["weights_plus_optimizer_bytes"] and "cuda_max_allocated_bytes" not in mem
+    # a strategy that changes shapes: its peak is above its end
+    inrank = rows["inrank"]["memory"]
+    assert inrank["weights_peak_bytes"] >= inrank["weights_bytes"] and inrank["optimizer_state_peak_bytes"] > 0
+    text = report.read_text()
+    memory = text[text.index("## Memory, counted from the tensors"):]
+    assert all(f"| {rows[n]['label']} |" in memory for n in rows)
+    assert "best strategy (InRank-Efficient) against GaLore (peer): weights + optimizer state" in memory
+    assert (tmp_path / "memory_perplexity.png").is_file() and "![memory_perplexity.png]" in memory
+
+
+def test_peer_rows_need_linear_layers_and_run_by_default_on_llama():
+    assert get_row("galore", SCALES["cpu"].replace(architecture="llama")).recipe["training"]["optim"] == "galore_adamw"
+    with pytest.raises(ValueError, match="GPT-2's block layers are Conv1D: add --set architecture=llama"):
+        get_row("galore", SCALES["cpu"])
+    assert not set(PEERS) & set(default_rows(SCALES["cpu-long"]))
+    llama = SCALES["cpu-long"].replace(architecture="llama")
+    assert set(PEERS) <= set(default_rows(llama)) and default_rows(llama) == row_names()
+    apollo = get_row("apollo", llama).recipe["training"]
+    assert apollo["optim_args"].startswith("rank=64,") and "proj=random" in apollo["optim_args"], "hidden / 2 at 128 wide"
+    assert apollo["optim_target_modules"] == PLACEMENTS["llama"]["blocks"]
+    mlp = get_row("galore", llama.replace(targets="mlp")).recipe["training"]
+    assert mlp["optim_target_modules"] == PLACEMENTS["llama"]["mlp"], "the layers the strategies make low-rank"
+
+
+def test_memory_is_counted_from_the_tensors():
+    from types import SimpleNamespace
+
+    from benchmarks.memory import gradient_bytes, optimizer_state_bytes, tensor_bytes, weight_bytes
+
+    shared = torch.zeros(10)  # 40 bytes, reachable twice
+    projector = SimpleNamespace(ortho_matrix=torch.zeros(4, 2, dtype=torch.float64), rank=2)  # 64 bytes inside an object
+    assert tensor_bytes({"a": shared, "b": [shared, (torch.zeros(3, dtype=torch.int8),)], "p": projector, "n": 3}) == 40 + 3 + 64
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight  # tied: one tensor
+    assert weight_bytes(model) == 4 * 20
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert gradient_bytes(model) == 0 and optimizer_state_bytes(optimizer) == 0
+    model(torch.tensor([[1, 2]])).sum().backward()
+    assert gradient_bytes(model) == 4 * 20
+    optimizer.step()
+    step = optimizer.state[model[0].weight]["step"]
+    assert optimizer_state_bytes(optimizer) == 2 * 4 * 20 + step.numel() * step.element_size()
+
+
+def test_llama_model_of_a_scale_has_linear_projections_and_the_same_data():
+    """--set architecture=llama builds a Llama of the scale's size (RMSNorm, SwiGLU, rotary, nn.Linear) for every row."""
+    import transformers
+
+    gpt2, llama = SCALES["cpu-long"], SCALES["cpu-long"].replace(architecture="llama")
+    model = recipe.build_model(llama.options(), None)
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 4, 4)
+    assert config.hidden_act == "silu" and type(model.model.norm).__name__ == "LlamaRMSNorm"
+    blocks = [m for n, m in model.named_modules() if n.endswith(tuple(PLACEMENTS["llama"]["blocks"]))]
+    assert len(blocks) == 4 * 7 and all(type(m) is torch.nn.Linear for m in blocks), "what GaLore and APOLLO project"
+    same = ("dataset", "vocab_size", "block_size", "max_steps", "per_device_train_batch_size", "learning_rate", "seed")
+    assert all(getattr(llama.options(), k) == getattr(gpt2.options(), k) for k in same), "the same tokenizer, data and run"

@@ -36,6 +36,10 @@ def test_help_is_generated_from_the_options(verb, capsys):
     if verb == "train":  # a recipe option, a LowRankConfig field, their help and types
         assert "--max_steps INT" in out and "Optimizer steps of the run." in out
         assert "--lowrank.rank" in out and "--lowrank.strategy_args.<key>" in out and "[float; default" in out
+        # every other transformers.TrainingArguments field, with transformers' own help
+        assert "--optim_target_modules VALUE" in out and "--adam_beta2 FLOAT" in out and "--optim_args VALUE" in out
+        assert "Optional arguments supplied to optimizers such as" in out, "transformers' own help"
+        assert out.count("--max_steps ") == 1, "a field the recipe declares is offered once"
     if verb == "merge":
         assert "run_dir" in out and "out" in out and "Output folder for the merged model" in out
 
@@ -67,6 +71,7 @@ def test_bad_command_line_names_the_option(argv, message, capsys):
         (["--lowrank.strategy", "nope"], "LowRankConfig.strategy='nope' is not allowed"),
         (["--lowrank.strategy_args.bogus", "1"], "unknown key(s) ['bogus']"),
         (["--lowrank.strategy_args.threshold", "high"], "LowRankConfig.strategy_args.threshold='high' is not allowed"),
+        (["--adam_beta2", "high"], "adam_beta2='high' is not allowed; transformers.TrainingArguments.adam_beta2 takes float"),
     ],
 )
 def test_bad_value_names_the_option_and_file(override, message, capsys):

@@ -36,7 +36,17 @@ def test_numbers_read_as_yaml_1_2(tmp_path):
         ("max_grad_norm: -1\n", r"bad.yaml: max_grad_norm=-1 is not allowed"),
         ("n_embd: 30\nn_head: 4\n", r"bad.yaml: n_embd=30 is not allowed; give a multiple of n_head=4"),
         ("bf16: true\nfp16: true\n", r"bad.yaml: fp16=True is not allowed; bf16 is true as well"),
-        ("lowrank: null\n", r"bad.yaml: lowrank=None is not allowed; give mapping"),
+        ("lowrank: null\n", r"bad.yaml: lowrank=None is not allowed; give mapping or bool"),
+        ("lowrank: true\n", r"bad.yaml: lowrank=True is not allowed; give a mapping of LowRankConfig fields, or false"),
+        ("lowrank: false\ncompare_full_rank: true\n", r"bad.yaml: compare_full_rank=True is not allowed; lowrank is false"),
+        # transformers.TrainingArguments fields: its names and its types, flat or under training
+        ("optimm: sgd\n", r"bad.yaml: unknown option\(s\) \['optimm'\] \(did you mean 'optim'\?\)"),
+        ("training: {optimm: sgd}\n", r"bad.yaml: training.optimm='sgd' is not allowed; not a transformers.TrainingArguments field \(did you mean 'optim'\?\)"),
+        ("adam_beta2: high\n", r"bad.yaml: adam_beta2='high' is not allowed; transformers.TrainingArguments.adam_beta2 takes float"),
+        ("training: {optim_target_modules: 3}\n", r"optim_target_modules=3 is not allowed; transformers.TrainingArguments.optim_target_modules takes None, str or list of str"),
+        ("optim: sgd\ntraining: {optim: adafactor}\n", r"bad.yaml: optim='sgd' is not allowed; training.optim is set too; keep one"),
+        ("max_steps: 3\ntraining: {max_steps: 4}\n", r"bad.yaml: training.max_steps=4 is not allowed; max_steps is set at the top level too"),
+        ("training: [optim]\n", r"bad.yaml: training=\['optim'\] is not allowed; give a mapping of transformers.TrainingArguments fields"),
         ("- just\n- a list\n", r"bad.yaml: expected a mapping of options at the top level, got list"),
     ],
 )
@@ -77,3 +87,39 @@ def test_command_line_words_read_by_the_field_type():
     assert text_parser(Union[list[str], str, None])("a.txt") == "a.txt"
     assert text_parser(Union[bool, str, None])("true") is True and text_parser(Union[bool, str, None])("runs/x") == "runs/x"
     assert text_parser(bool)("false") is False
+
+
+def test_every_training_arguments_field_flat_or_under_training(tmp_path):
+    """A TrainingArguments field the options do not declare goes to ``training``; the recipe's own stay options."""
+    from hf_lowrank.recipe import training_arguments
+
+    opts = _load(
+        tmp_path,
+        "optim: galore_adamw\noptim_target_modules: [q_proj, up_proj]\n"
+        "training: {optim_args: 'rank=8,update_proj_gap=50', adam_beta2: 0.95, learning_rate: 1.0e-3}\n",
+        {"training.adam_epsilon": 1e-6, "dataloader_num_workers": 0, "training.max_steps": 7},
+    )
+    assert opts.training == {
+        "optim": "galore_adamw", "optim_target_modules": ["q_proj", "up_proj"], "optim_args": "rank=8,update_proj_gap=50",
+        "adam_beta2": 0.95, "adam_epsilon": 1e-6, "dataloader_num_workers": 0,
+    }
+    assert opts.learning_rate == 1e-3 and opts.max_steps == 7, "the recipe's own options, spelled under training, are its own"
+    args = training_arguments(opts, str(tmp_path / "run"))
+    assert args.optim == "galore_adamw" and args.optim_target_modules == ["q_proj", "up_proj"]
+    assert (args.adam_beta2, args.adam_epsilon, args.learning_rate, args.max_steps) == (0.95, 1e-6, 1e-3, 7)
+    # a value in training replaces what the recipe derives from its own options
+    assert training_arguments(_load(tmp_path, "eval_steps: 5\n"), "x").eval_strategy == "steps"
+    assert training_arguments(_load(tmp_path, "eval_steps: 5\neval_strategy: 'no'\n"), "x").eval_strategy == "no"
+
+
+def test_training_fields_come_from_transformers_dataclass():
+    import dataclasses
+
+    import transformers
+
+    from hf_lowrank.options import training_fields
+
+    names = {f.name for f in dataclasses.fields(transformers.TrainingArguments) if f.init}
+    assert set(training_fields()) == names, "every field, none declared by hand"
+    own = {f.name for f in dataclasses.fields(RecipeOptions)}
+    assert own & names and "optim" not in own  # the recipe declares a few it sets defaults for, not the rest

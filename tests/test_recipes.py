@@ -52,7 +52,7 @@ def header(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_loads(path):
     opts = RecipeOptions.from_yaml(path)
-    assert opts.lowrank, "every recipe configures its low-rank layers"
+    assert opts.lowrank or opts.training.get("optim"), "every recipe configures its low-rank layers, or a peer's optimizer"
     assert opts.output_dir == f"runs/{path.stem}", "each config writes to runs/<its name>"
 
 
@@ -133,6 +133,12 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
         (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
         (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' does not fit strategy 'inrank'"),
         (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
+        # transformers' own validation of TrainingArguments and of the optimizer, before any data
+        (["--optim", "galore_adamx"], "optim='galore_adamx' is not allowed; transformers.TrainingArguments refused it (galore_adamx is not a valid OptimizerNames"),
+        (["--optim", "sgd", "--optim_args", "momentum"], "optim_args='momentum' is not allowed; transformers could not read it"),
+        (["--optim", "galore_adamw", "--optim_target_modules", "[c_fc]"],
+         "optim='galore_adamw' is not allowed; transformers could not build it (No target modules found"),
+        (["--optim", "galore_adamw", "--optim_target_modules", "[c_fc]"], "are transformers Conv1D (GPT-2's), which GaLore and APOLLO skip"),
     ],
 )
 def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, tmp_path):
@@ -151,9 +157,23 @@ def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, 
     assert err.startswith(f"hf-lowrank train: {INRANK_RECIPE}: ") and message in err, err
 
 
+def test_galore_on_low_rank_layers_is_refused_before_any_data(monkeypatch, capsys, tmp_path):
+    """GaLore projects nn.Linear gradients only: on layers the recipe made low-rank it would find nothing to project."""
+    monkeypatch.setattr(recipe_module, "load_data", lambda opts: pytest.fail("data was loaded before the recipe was checked"))
+    llama = ROOT / "recipes" / "configs" / "llama_tiny_inrank.yaml"
+    extra = ["--optim", "galore_adamw", "--optim_target_modules", "[up_proj]", "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(llama), *TINY, *INRANK_4_STEPS, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "optim='galore_adamw' is not allowed" in err and "set lowrank: false to train the plain model" in err, err
+    # the same layers left plain (lowrank: false) pass the check
+    recipe_module.check(RecipeOptions.from_yaml(llama, {"lowrank": False, "optim": "galore_adamw", "optim_target_modules": ["up_proj"]}))
+
+
 def _smoke(path: Path, tmp_path: Path, extra=()):
     opts = RecipeOptions.from_yaml(path)
-    schedule = SCHEDULES.get(opts.lowrank.get("strategy"), {})
+    schedule = SCHEDULES.get(opts.lowrank.get("strategy"), {}) if opts.lowrank else {}
     extra = [*extra, *[a for k, v in schedule.items() for a in (f"--lowrank.strategy_args.{k}", v)]]
     if opts.task == "classification":
         extra += ["--max_examples", "120"]
@@ -171,10 +191,12 @@ def test_recipe_smoke(path, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_LOWRANK_CACHE", str(tmp_path / "cache"))
     results, run = _smoke(path, tmp_path)
     out = capsys.readouterr().out
-    assert re.search(r"eval (perplexity|accuracy)", out) and "final ranks" in out and "tokens / s" in out
+    plain = RecipeOptions.from_yaml(path).lowrank is False  # a peer's recipe: the plain model, its own optimizer
+    assert re.search(r"eval (perplexity|accuracy)", out) and ("without low-rank layers" if plain else "final ranks") in out
+    assert "tokens / s" in out
     low = results["lowrank"]
     assert low["steps"] == 4 and low["tokens_per_second"] > 0 and low["decision_seconds"] >= 0
-    assert (run / "final" / "lowrank_config.json").is_file()
+    assert (run / "final" / ("config.json" if plain else "lowrank_config.json")).is_file()
 
 
 @pytest.mark.slow
