@@ -15,7 +15,7 @@ from torch import nn
 from . import distributed, fsdp, optim, saving
 from .card import push_model
 from .checks import check_int, is_number
-from .config import LowRankConfig
+from .config import REBALANCE_EVERY, LowRankConfig
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
 from .strategies import (
     LayerChange,
@@ -278,7 +278,7 @@ class LowRankModel(nn.Module):
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
         c = self.lowrank_config
-        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True or c.rebalance_every > 0
+        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True or bool(c.rebalance_every)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -350,7 +350,7 @@ class LowRankModel(nn.Module):
                 "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
                 "so the factor gradients are preconditioned at every step."
             )
-        if c.rebalance_every > 0 and c.rebalance_moments == "reset" and optimizer is None:
+        if self._rebalance_period() and c.rebalance_moments == "reset" and optimizer is None:
             raise ValueError(
                 "LowRankConfig.rebalance_moments='reset' needs the optimizer: call bind_training(max_steps, optimizer, "
                 "lr_scheduler) and pass it to update_ranks, or use rebalance_moments='keep'."
@@ -368,6 +368,11 @@ class LowRankModel(nn.Module):
                 "from hf_lowrank.optim.param_groups(model, lr, weight_decay), or train with LowRankTrainer."
             )
         self._bound = True
+
+    def _rebalance_period(self) -> int:
+        """Steps between re-balances (0: never): ``LowRankConfig.rebalance_every``, or its default where it is None."""
+        every = self.lowrank_config.rebalance_every
+        return REBALANCE_EVERY if every is None else every
 
     def check_run(self, max_steps: int) -> None:
         """Raise ``ValueError`` (naming the setting) if the strategy cannot act within ``max_steps``; binds nothing.
@@ -412,8 +417,8 @@ class LowRankModel(nn.Module):
                 with fsdp.resharding(self, [c.layer for c in plan.changes if c.op != "grow"], optimizer):
                     self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
             self.decision_seconds += time.perf_counter() - start
-        every = self.lowrank_config.rebalance_every
-        if every > 0 and step % every == 0:  # the run's step is the clock, so a resume re-balances at the same steps
+        every = self._rebalance_period()
+        if every and step % every == 0:  # the run's step is the clock, so a resume re-balances at the same steps
             start = time.perf_counter()
             optim.rebalance(self.lowrank_layers(), optimizer, self.lowrank_config.rebalance_moments)
             self.decision_seconds += time.perf_counter() - start  # counted with the decisions: library time outside the step

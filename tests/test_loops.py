@@ -381,6 +381,12 @@ def test_update_ranks_rebalances_every_k_steps_in_a_plain_loop():
     plain_loop(model, 7, check=check)
     assert gaps[3] < 1e-4 and gaps[6] < 1e-4, gaps  # re-split at steps 3 and 6
     assert gaps[4] > 10 * gaps[3] and gaps[7] > 10 * gaps[6], gaps  # steps in between drift away again
+    default = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=1.0, init="spectral", precondition=False))
+    gaps.clear()
+    plain_loop(default, 51, check=check)  # rebalance_every=None: every 50 steps wherever training is driven
+    assert gaps[50] < 1e-4 < gaps[49], (gaps[49], gaps[50])
+    undriven = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4, precondition=False))
+    undriven.train()(**next(iter(batches(1)))).loss.backward()  # the default needs no driver: an unbound loop trains
     with pytest.raises(ValueError, match="rebalance_moments='reset' needs the optimizer"):
         get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rebalance_every=2, rebalance_moments="reset")).bind_training(10)
 
@@ -404,6 +410,7 @@ def test_factor_weight_decay_sets_the_factor_groups():
     [
         ("rebalance_every", -1, "rebalance_every=-1"),
         ("rebalance_every", 2.5, "rebalance_every=2.5"),
+        ("rebalance_every", "50", "rebalance_every=.50."),
         ("rebalance_moments", "rotated", "rebalance_moments='rotated'"),
         ("factor_weight_decay", -0.1, "factor_weight_decay=-0.1"),
         ("precondition_damping", 2.0, "precondition_damping=2.0"),
