@@ -265,10 +265,15 @@ class LowRankModel(nn.Module):
         if self.training and not self._bound and torch.is_grad_enabled() and isinstance(self.strategy, UnavailableStrategy):
             raise ValueError(self.strategy.message)
         if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
+            c = self.lowrank_config
+            acting = [f"strategy={c.strategy!r}"] if not self.strategy.is_final() else []
+            acting += [f"{k}={v!r}" for k, v, on in (
+                ("frobenius_decay", c.frobenius_decay, c.frobenius_decay > 0),
+                ("precondition", c.precondition, c.precondition is True),
+                ("rebalance_every", c.rebalance_every, bool(c.rebalance_every)),
+            ) if on]
             raise RuntimeError(
-                f"LowRankConfig.strategy={self.lowrank_config.strategy!r} (frobenius_decay="
-                f"{self.lowrank_config.frobenius_decay}, precondition={self.lowrank_config.precondition}, "
-                f"rebalance_every={self.lowrank_config.rebalance_every}) acts during training, but nothing drives it: train with "
+                f"LowRankConfig({', '.join(acting)}) acts during training, but nothing drives it: train with "
                 "hf_lowrank.LowRankTrainer, add hf_lowrank.LowRankCallback() to a transformers.Trainer, or in your own "
                 "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
                 "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
