@@ -269,3 +269,68 @@ def test_precondition_trains_in_a_plain_loop_and_needs_the_optimizer():
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="LowRankConfig.precondition='yes'"):
         LowRankConfig(target_modules=["c_fc"], precondition="yes")
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def saving_trainer(out, model, max_steps=12):
+    args = transformers.TrainingArguments(
+        str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=4, logging_steps=1, disable_tqdm=True, seed=0, data_seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LowRankCallback()])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2 ties lm_head to wte; this Llama does not
+def test_plain_trainer_with_the_callback_saves_resumes_and_loads(family, tmp_path):
+    from hf_lowrank import LowRankModel
+
+    build = tiny_gpt2 if family == "gpt2" else tiny_llama
+    config = {**INRANK, "exclude_modules": None} if family == "llama" else INRANK
+    config = {**config, "target_modules": ["c_fc", "c_proj"] if family == "gpt2" else ["gate_proj", "down_proj"]}
+    full = saving_trainer(tmp_path / "full", get_lowrank_model(build(), LowRankConfig(**config)))
+    full.train()
+    assert any("stage 2" in h["reason"] for h in full.model.plan_history)
+    checkpoint = tmp_path / "full" / "checkpoint-8"  # right after stage 2 changed the shapes
+    assert {"config.json", "lowrank_config.json", "model.safetensors", "lowrank_trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    loaded = LowRankModel.from_pretrained(checkpoint).eval()
+    assert loaded.rank_pattern() == json_pattern(checkpoint)
+
+    resumed = saving_trainer(tmp_path / "full", get_lowrank_model(build(), LowRankConfig(**config)))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 8}  # noqa: E731
+    torch.testing.assert_close(list(losses(resumed).values()), list(losses(full).values()), rtol=1e-4, atol=1e-6)
+    assert resumed.model.rank_pattern() == full.model.rank_pattern()
+    assert resumed.model.strategy.state_dict() == full.model.strategy.state_dict()
+
+    full.save_model(str(tmp_path / "final"))  # the final save is trimmed to the active ranks
+    final = LowRankModel.from_pretrained(tmp_path / "final").eval()
+    ids = next(batches(1))["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, full.model.eval()(input_ids=ids).logits)
+    assert all(layer.capacity == layer.rank for layer in final.lowrank_layers().values())
+
+
+def json_pattern(folder):
+    import json
+
+    return json.loads((folder / "lowrank_config.json").read_text())["rank_pattern"]
+
+
+def test_a_callback_added_after_the_trainer_was_built_refuses_checkpoints_it_cannot_write(tmp_path):
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    trainer = saving_trainer(tmp_path, model)
+    trainer.callback_handler.callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, LowRankCallback)]
+    late = transformers.Trainer(model=model, args=trainer.args, train_dataset=TokenDataset())
+    late.add_callback(LowRankCallback())
+    with pytest.raises(ValueError, match=r"added after the Trainer was built.*callbacks=\[LowRankCallback\(\)\]"):
+        late.train()
