@@ -113,6 +113,8 @@ class LowRankModel(nn.Module):
         self.decision_seconds = 0.0
         self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
         self._bound = False
+        self._max_steps: int | None = None  # the run length bind_training was given
+        self._ddp_check = False  # parameters were replaced: check once that a DDP wrapper was rebuilt
         self._hooked_optimizers: set[int] = set()  # optimizers that carry this model's gradient hooks
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
@@ -242,7 +244,23 @@ class LowRankModel(nn.Module):
                 "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
                 "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
             )
+        if self._ddp_check and not torch.compiler.is_compiling():
+            self._check_ddp_rebuilt()
         return self.base_model(*args, **kwargs)
+
+    def _check_ddp_rebuilt(self) -> None:
+        """After a shape change, refuse a forward through a DDP wrapper still holding the replaced parameters."""
+        stale = distributed.stale_ddp(self)
+        if stale is not None:
+            raise RuntimeError(
+                "the DistributedDataParallel wrapper running this forward still holds the parameters a rank change "
+                "replaced (the last plan had changes_shapes), so the new ones would train unsynchronised and DDP's "
+                "reducer would fail at the next step; rebuild it after update_ranks: "
+                "`if plan is not None and plan.changes_shapes: model = hf_lowrank.distributed.rewrap_ddp(model)` "
+                "(LowRankTrainer does this itself)."
+            )
+        if getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None or distributed.world()[1] == 1:
+            self._ddp_check = False  # passed under a rebuilt DDP, or no DDP can hold this model (one process)
 
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
@@ -326,6 +344,7 @@ class LowRankModel(nn.Module):
                 f"LowRankConfig.factor_lr_scale={c.factor_lr_scale} needs factor parameter groups: build the optimizer "
                 "from hf_lowrank.optim.param_groups(model, lr, weight_decay)."
             )
+        self._max_steps = max_steps
         self._bound = True
 
     def check_run(self, max_steps: int) -> None:
@@ -345,11 +364,19 @@ class LowRankModel(nn.Module):
         ``torch.distributed`` process 0 decides and every process applies the same plan. When
         parameters are replaced, ``optimizer`` is regrouped onto the live ones (survivors keep
         their state); a plan's learning-rate factor and re-warm act on ``optimizer`` and
-        ``lr_scheduler``. Returns the plan applied, or None. A DDP wrapper must be rebuilt by
-        the caller when ``plan.changes_shapes`` (see ``hf_lowrank.distributed.rewrap_ddp``).
+        ``lr_scheduler``. Returns the plan applied, or None. ``step`` runs from 1 to the
+        ``max_steps`` given to :meth:`bind_training`; a step past it is refused. A DDP wrapper
+        must be rebuilt by the caller when ``plan.changes_shapes``
+        (``hf_lowrank.distributed.rewrap_ddp``); a forward through the old one raises, naming it.
         """
         if not self._bound:
             raise RuntimeError("call model.bind_training(max_steps, optimizer, lr_scheduler) before update_ranks.")
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self._max_steps:
+            raise ValueError(
+                f"update_ranks(step={step!r}): steps run from 1 to max_steps={self._max_steps}, the length "
+                "bind_training was given (the strategy's schedule and the learning-rate schedule end there); stop the "
+                "loop at max_steps (e.g. itertools.islice(loader, max_steps)) or bind again with the run's real length."
+            )
         plan = None
         if self.strategy.due(step):
             start = time.perf_counter()
@@ -450,6 +477,7 @@ class LowRankModel(nn.Module):
                 skipped.append(f"{change.op} of {change.layer} skipped: its SVD failed ({e}); the layer is left as it was.")
         after = dict(self.named_parameters())
         replaced = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
+        self._ddp_check = self._ddp_check or replaced
         if replaced and optimizer is not None:
             frob = self.lowrank_config.frobenius_decay > 0
             optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim.decays(n, p, frob))

@@ -334,3 +334,101 @@ def test_a_callback_added_after_the_trainer_was_built_refuses_checkpoints_it_can
     late.add_callback(LowRankCallback())
     with pytest.raises(ValueError, match=r"added after the Trainer was built.*callbacks=\[LowRankCallback\(\)\]"):
         late.train()
+
+
+# -- docs/trainer.md's loops, as written, in one process and two ---------------------------------
+
+def run_docs_loop(which: str, out, launcher: list[str] | None = None, **env_vars: str) -> list[dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("docs_loops.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **env_vars}
+    proc = subprocess.run([*(launcher or [sys.executable]), str(script), which, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("process-*.json"))]
+
+
+def check_docs_run(runs: list[dict], world: int, wrapper: str) -> None:
+    from docs_loops import MAX_STEPS
+
+    assert [r["world_size"] for r in runs] == [world] * world
+    for r in runs:
+        assert r["steps"] == list(range(1, MAX_STEPS + 1)), "the loop stops at max_steps though the loader is longer"
+        assert any(p["changes_shapes"] and "stage 2" in p["reason"] for p in r["plans"]), "InRank's stage 2 ran"
+        assert r["wrapper"] == wrapper
+        assert min(r["lr"]) >= 0
+        assert all(spec["rank"] == spec["capacity"] for spec in r["rank_pattern"].values())
+    assert all(r["rank_pattern"] == runs[0]["rank_pattern"] and r["plans"] == runs[0]["plans"] for r in runs)
+    assert all(abs(r["eval_loss"] - runs[0]["eval_loss"]) < 1e-5 for r in runs), "DDP kept the processes' weights equal"
+
+
+@pytest.mark.parametrize("which", ["pytorch", "accelerate"])
+def test_docs_loops_run_as_written_in_one_process(which, tmp_path):
+    check_docs_run(run_docs_loop(which, tmp_path), 1, "LowRankModel")
+
+
+@pytest.mark.slow
+def test_docs_pytorch_loop_runs_as_written_under_torchrun(tmp_path):
+    import sys
+
+    from test_distributed import free_port
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    check_docs_run(run_docs_loop("pytorch", tmp_path, launcher), 2, "DistributedDataParallel")
+
+
+@pytest.mark.slow
+def test_docs_accelerate_loop_runs_as_written_under_accelerate_launch(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(free_port())]
+    # accelerate's multi-GPU launcher does not pass the config's use_cpu on; a plain Accelerator() reads it from here
+    runs = run_docs_loop("accelerate", tmp_path, launcher, ACCELERATE_USE_CPU="true")
+    check_docs_run(runs, 2, "DistributedDataParallel")
+
+
+def test_a_ddp_wrapper_left_after_a_shape_change_is_named_and_update_ranks_stops_at_max_steps(tmp_path):
+    """The loop without its rewrap_ddp line fails at the first forward after the shape change, naming the fix;
+    a loop that runs past max_steps is stopped by update_ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=8, strategy=EveryFourthTruncates.name))
+        optimizer = torch.optim.AdamW(optim.param_groups(model, lr=3e-3))
+        model.bind_training(10, optimizer)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(RuntimeError, match=r"still holds the parameters a rank change replaced.*rewrap_ddp"):
+            for step, batch in enumerate(batches(10), start=1):
+                ddp(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                model.update_ranks(step, optimizer)
+        assert step == 5, "caught at the first forward after the truncation at step 4"
+        fresh = torch.nn.parallel.DistributedDataParallel(model)
+        from hf_lowrank.distributed import rewrap_ddp
+
+        assert rewrap_ddp(model) is model, "without DDP rewrap_ddp returns the model as it is"
+        rebuilt = rewrap_ddp(fresh)
+        assert rebuilt.module is model and rebuilt.find_unused_parameters == fresh.find_unused_parameters
+        rebuilt(**next(batches(1))).loss.backward()  # the rebuilt wrapper holds the live parameters
+    finally:
+        dist.destroy_process_group()
+
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    optimizer = torch.optim.AdamW(optim.param_groups(model, lr=3e-3))
+    model.bind_training(12, optimizer)
+    model.update_ranks(12, optimizer)
+    with pytest.raises(ValueError, match=r"update_ranks\(step=13\): steps run from 1 to max_steps=12.*islice"):
+        model.update_ranks(13, optimizer)
+    with pytest.raises(ValueError, match=r"update_ranks\(step=0\)"):
+        model.update_ranks(0, optimizer)
