@@ -20,16 +20,34 @@ def sample_ids() -> torch.Tensor:
     return TokenDataset(4).x
 
 
-def readme_finetune_block() -> str:
+def readme_block(heading: str) -> str:
     text = README.read_text()
-    section = text[text.index("### Fine-tune a pretrained model") :]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def readme_finetune_block() -> str:
+    return readme_block("### Fine-tune a pretrained model")
+
+
+def shrink(code: str, out: Path) -> str:
+    """The README's run, made test-sized: the tiny corpus, a few steps with checkpoints, folders under ``out``."""
+    code = code.replace('"sotu"', '"synthetic"').replace('"out/final"', repr(str(out / "final"))).replace('"out"', repr(str(out / "out")))
+    for steps in ("max_steps=10_000", "max_steps=1000"):
+        code = code.replace(steps, "max_steps=12, save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True")
+    return code
 
 
 @pytest.fixture
 def saved_model(tmp_path):
-    """A small 'pretrained' GPT-2: trained a few steps so its weights are not an init, then saved."""
-    model = tiny_gpt2()
+    """A small 'pretrained' GPT-2 with its tokenizer: trained a few steps so its weights are not an init, then saved."""
+    from hf_lowrank.data import load_text_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(load_text_corpus("synthetic")["train"]["text"], vocab_size=300)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=128, bos_token_id=0, eos_token_id=0)
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = TokenDataset()
     for i in range(5):
@@ -38,17 +56,16 @@ def saved_model(tmp_path):
         opt.step()
         opt.zero_grad()
     model.save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
     return tmp_path / "pretrained"
 
 
 def test_readme_finetune_snippet_keeps_the_function_and_trains_only_adapters(saved_model, tmp_path, monkeypatch):
     code = readme_finetune_block()
     assert 'mode="residual"' in code
-    code = code.replace("path/to/model", str(saved_model)).replace('"out"', repr(str(tmp_path / "out")))
-    code = code.replace("max_steps=1000", "max_steps=6, report_to=[], use_cpu=True, save_strategy='no', disable_tqdm=True")
-    code = code.replace('"out/final"', repr(str(tmp_path / "final")))
+    code = shrink(code.replace("path/to/model", str(saved_model)), tmp_path)
     setup, rest = code.split("trainer = ", 1)
-    ns = {"train": TokenDataset()}
+    ns: dict = {}
     exec(setup, ns)
     ids = sample_ids()
     base = transformers.AutoModelForCausalLM.from_pretrained(saved_model).eval()
@@ -58,12 +75,30 @@ def test_readme_finetune_snippet_keeps_the_function_and_trains_only_adapters(sav
     assert trainable and all(n.rpartition(".")[2] in ("A", "B") for n in trainable), trainable
     exec("trainer = " + rest, ns)
     assert (tmp_path / "final" / "lowrank_config.json").is_file()
+    assert (tmp_path / "out" / "checkpoint-12" / "lowrank_trainer_state.json").is_file(), "checkpoints were written"
     frozen = {n: p for n, p in ns["model"].base_model.named_parameters() if not p.requires_grad}
     reference = dict(base.named_parameters())
     compared = [n for n in frozen if n in reference]
     assert len(compared) > 10, "embeddings, norms and biases are frozen"
     for name in compared:
         torch.testing.assert_close(frozen[name], reference[name], msg=f"{name} is frozen and must not change")
+
+
+def test_readme_from_scratch_snippet_runs_saves_and_merges(tmp_path):
+    from hf_lowrank import LowRankModel
+
+    code = readme_block("Train a model from scratch")
+    assert "n_layer=12, n_embd=768" in code and "vocab_size=4096" in code
+    code = shrink(code.replace("n_layer=12, n_embd=768", "n_layer=2, n_embd=48").replace("vocab_size=4096", "vocab_size=300"), tmp_path)
+    ns: dict = {}
+    exec(code.replace("dense = ", "ids = train[0:2]['input_ids']\ndense = "), ns)
+    assert any("stage 2" in h["reason"] for h in ns["trainer"].plan_history), "InRank grew and truncated"
+    assert (tmp_path / "out" / "checkpoint-8" / "lowrank_config.json").is_file(), "checkpoints were written"
+    loaded = LowRankModel.from_pretrained(tmp_path / "final").eval()
+    ids = torch.tensor(ns["ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(ns["dense"].eval()(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert type(ns["dense"]) is transformers.GPT2LMHeadModel
 
 
 def test_modules_to_save_trains_a_classification_head_by_default():
