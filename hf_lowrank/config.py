@@ -67,8 +67,8 @@ class LowRankConfig:
         default="factorized",
         metadata={
             "help": "Starting mode of each layer: 'dense' (W trainable), 'factorized' (W = B A) or 'residual' "
-            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) override it; "
-            "dynamic needs 'factorized' and refuses the others."
+            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) take 'dense' or "
+            "'factorized' and refuse 'residual'; inrank refuses 'dense'; dynamic needs 'factorized'."
         },
     )
     residual_base: str = field(
@@ -213,6 +213,7 @@ class LowRankConfig:
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
             raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
         get_strategy(self.strategy).Args.from_dict(self.strategy_args)  # validates the name, the keys and the values
+        get_strategy(self.strategy).check_config(self)  # a mode it cannot start from, settings it ignores
         problem = _rank_pattern_problem(self.rank_pattern)
         if problem:
             raise ValueError(

@@ -131,7 +131,7 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
         (["--lowrank.strategy_args.stage2_at", "50"], "LowRankConfig.strategy_args.stage2_at=50 is step 50, after the end of training (max_steps=4)"),
         (["--lowrank.target_modules", "[nope]"], "LowRankConfig.target_modules=['nope'] (exclude_modules='.*attn.*') matches no nn.Linear"),
         (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
-        (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' does not fit strategy 'inrank'"),
+        (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' is not allowed; strategy 'inrank' grows factor ranks"),
         (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
     ],
 )
