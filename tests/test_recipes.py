@@ -133,6 +133,7 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
         (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
         (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' is not allowed; strategy 'inrank' grows factor ranks"),
         (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
+        (["--use_cpu", "true", "--fp16", "true"], "fp16=True is not allowed; fp16 autocast with a gradient scaler needs a GPU and use_cpu is true; use bf16"),
     ],
 )
 def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, tmp_path):
