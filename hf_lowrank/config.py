@@ -24,6 +24,26 @@ INITS = ("auto", "kaiming", "spectral", "spectral-ones", "zero_b")
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
 
+# PEFT LoraConfig names a LoRA user types, and what LowRankConfig calls them (or why there is none).
+LORA_NAMES = {
+    "r": "rank=",
+    "lora_alpha": "alpha= (the residual adapter's scale is alpha / rank)",
+    "lora_dropout": "nothing: low-rank layers have no dropout of their own",
+    "init_lora_weights": "init= (residual adapters always start with B = 0)",
+    "use_rslora": "alpha= (the scale is alpha / rank)",
+    "fan_in_fan_out": "nothing: GPT-2's Conv1D is recognised by its type",
+    "layers_to_transform": "target_modules= with a regex on the full module name",
+    "bias": "nothing: biases train with the layer in dense and factorized modes and stay frozen in residual mode",
+    "task_type": "nothing: the wrapped model's class sets the task",
+}
+
+
+def unknown_fields_message(unknown: list[str], known: list[str], where: str) -> str:
+    """``unknown LowRankConfig field(s) [...]`` with the LowRankConfig name of each PEFT LoRA name among them."""
+    hints = [f"{name} -> {LORA_NAMES[name]}" for name in unknown if name in LORA_NAMES]
+    pointer = f" (PEFT LoraConfig names; here: {'; '.join(hints)})" if hints else ""
+    return f"{where}: unknown LowRankConfig field(s) {unknown}{pointer}; known fields are {sorted(known)}."
+
 
 def _rank_pattern_problem(pattern: Any) -> str | None:
     """What is wrong with a rank pattern's form, or None; sizes are checked against each layer on loading."""
@@ -159,6 +179,12 @@ class LowRankConfig:
     )
     hf_lowrank_version: str = field(default=__version__, metadata={"help": "Library version that wrote the config."})
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "LowRankConfig":
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:  # before the dataclass __init__'s bare "unexpected keyword argument"
+            raise TypeError(unknown_fields_message(unknown, [f.name for f in dataclasses.fields(cls)], "LowRankConfig()"))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -241,7 +267,7 @@ class LowRankConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown LowRankConfig field(s) {unknown}; known fields are {sorted(known)}.")
+            raise ValueError(unknown_fields_message(unknown, sorted(known), source))
         try:
             return cls(**data)
         except ValueError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -72,6 +73,22 @@ def _check_not_tied(model: nn.Module, names: list[str]) -> None:
                 f"layer {name!r} shares its weight with {[s for s in shared if not s.startswith(name + '.')]} "
                 "(tied weights); add it to LowRankConfig.exclude_modules."
             )
+
+
+# PEFT names a LoRA user reaches for that LowRankModel does not have, with where to go instead.
+_ONE_ADAPTER = "a LowRankModel has one low-rank factor pair per layer, not named adapters"
+PEFT_POINTERS = {
+    "merge_adapter": "merge with merge_and_unload() (returns the plain transformers model)",
+    "unmerge_adapter": "merge_and_unload() returns a plain model; keep the LowRankModel to train on",
+    "set_adapter": _ONE_ADAPTER,
+    "add_adapter": _ONE_ADAPTER + "; export one to PEFT with hf_lowrank.peft_interop (docs/hub.md)",
+    "delete_adapter": _ONE_ADAPTER + "; unload() drops it (residual mode)",
+    "load_adapter": "load a saved model or adapter with LowRankModel.from_pretrained(folder, base_model=...)",
+    "active_adapter": _ONE_ADAPTER,
+    "active_adapters": _ONE_ADAPTER,
+    "peft_config": "the settings are model.lowrank_config (a LowRankConfig)",
+    "get_peft_config_as_dict": "the settings are model.lowrank_config.to_dict()",
+}
 
 
 class _Forward:
@@ -230,7 +247,14 @@ class LowRankModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError:
+            hint = PEFT_POINTERS.get(name, "")
+            raise AttributeError(
+                f"'LowRankModel' object has no attribute {name!r}, nor has the {type(self.base_model).__name__} it wraps"
+                + (f"; {hint}" if hint else "")
+            ) from None
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
@@ -508,11 +532,74 @@ class LowRankModel(nn.Module):
             layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable and total parameters of the whole model (shared tensors counted once)."""
+        """Trainable and total parameters of the whole model (shared tensors counted once).
+
+        ``trainable`` counts the allocated factors (the capacity, which the optimizer holds);
+        ``active`` counts, of those, only the components in the forward (the active rank),
+        which is what a LoRA user reads as trainable; ``capacity`` is the difference, the
+        components allocated for growth.
+        """
         seen: dict[int, nn.Parameter] = {id(p): p for p in self.parameters()}
         total = sum(p.numel() for p in seen.values())
         trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-        return {"trainable": trainable, "total": total}
+        spare = sum(
+            (layer.capacity - layer.rank) * (layer.in_features + layer.out_features)
+            for layer in self.lowrank_layers().values()
+            if layer.mode != "dense" and layer.B is not None and layer.B.requires_grad
+        )
+        return {"trainable": trainable, "total": total, "active": trainable - spare, "capacity": spare}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` as PEFT returns them; trainable counts the active ranks (see :meth:`parameter_counts`)."""
+        counts = self.parameter_counts()
+        return counts["active"], counts["total"]
+
+    def _counts_line(self, digits: int) -> str:
+        counts = self.parameter_counts()
+        spare = f" || allocated for growth: {counts['capacity']:,}" if counts["capacity"] else ""
+        return (
+            f"trainable params: {counts['active']:,}{spare} || all params: {counts['total']:,} || "
+            f"trainable%: {100 * counts['active'] / max(1, counts['total']):.{digits}f} || rank fraction: {self.rank_fraction():.3f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: residual layers compute their frozen ``W0`` alone (PEFT's ``disable_adapter``).
+
+        Only residual mode has an adapter; factorized and dense layers are the model itself, so
+        a model without residual layers is refused.
+        """
+        layers = [layer for layer in self.lowrank_layers().values() if layer.mode == "residual"]
+        if not layers:
+            modes = sorted({layer.mode for layer in self.lowrank_layers().values()})
+            raise ValueError(
+                f"LowRankModel.disable_adapter(): no layer is in residual mode (modes: {modes}), so there is no adapter "
+                "over a frozen base to switch off: factorized layers are the model's weights themselves. "
+                "Adapters come with LowRankConfig(mode='residual')."
+            )
+        scalings = [layer.scaling for layer in layers]
+        try:
+            for layer in layers:
+                layer.scaling = 0.0
+            yield self
+        finally:
+            for layer, scaling in zip(layers, scalings):
+                layer.scaling = scaling
+
+    def unload(self) -> nn.Module:
+        """The wrapped model with every residual layer back to its frozen ``W0``, adapters dropped (PEFT's ``unload``).
+
+        Refused when a layer is factorized or dense (its weights are the model, there is nothing
+        to drop): use :meth:`merge_and_unload`.
+        """
+        other = sorted(n for n, layer in self.lowrank_layers().items() if layer.mode != "residual")
+        if other:
+            raise ValueError(
+                f"LowRankModel.unload(): layers {other[:3]}{'...' if len(other) > 3 else ''} are not residual, so they "
+                "have no base weight to return to; merge_and_unload() gives the plain model with the trained weights."
+            )
+        with self.disable_adapter():
+            return self.merge_and_unload()
 
     def layer_report(self) -> list[dict[str, Any]]:
         """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
@@ -549,20 +636,16 @@ class LowRankModel(nn.Module):
                 f"{r['layer']:<{width}}  {r['mode']:<10} {r['rank']:>5} {cap:>5} {r['full_rank']:>5}  "
                 f"{r['shape']:>11} {r['total']:>10,}"
             )
-        counts = self.parameter_counts()
-        lines.append(
-            f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['trainable'] / max(1, counts['total']):.2f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+        lines.append(self._counts_line(2))
         return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:
-        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table)."""
-        counts = self.parameter_counts()
-        print(
-            f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['trainable'] / max(1, counts['total']):.4f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
+
+        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
+        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
+        """
+        print(self._counts_line(4))
 
     # -- conversion ----------------------------------------------------------------------------
 

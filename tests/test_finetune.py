@@ -149,3 +149,61 @@ def test_print_trainable_parameters_is_one_line(capsys):
     get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).print_trainable_parameters()
     out = capsys.readouterr().out.strip()
     assert "\n" not in out and out.startswith("trainable params: ")
+
+
+def test_trainable_parameters_count_the_active_ranks_as_a_lora_user_reads_them(capsys):
+    """InRank allocates half of each layer for growth; "trainable" counts what the forward uses."""
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], mode="residual", strategy="inrank"))
+    counts = model.parameter_counts()
+    layers = model.lowrank_layers().values()
+    active = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers)
+    allocated = sum(layer.capacity * (layer.in_features + layer.out_features) for layer in layers)
+    assert counts["trainable"] == allocated and counts["active"] == active < allocated
+    assert counts["capacity"] == allocated - active
+    assert model.get_nb_trainable_parameters() == (active, counts["total"])
+    model.print_trainable_parameters()
+    line = capsys.readouterr().out
+    assert line.startswith(f"trainable params: {active:,} || allocated for growth: {allocated - active:,} || all params: {counts['total']:,}")
+    assert f"trainable%: {100 * active / counts['total']:.4f}" in line
+    fixed = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4))
+    fixed.print_trainable_parameters()
+    assert "allocated for growth" not in capsys.readouterr().out, "nothing allocated beyond the rank: one number"
+
+
+def test_lora_habits_get_pointers():
+    with pytest.raises(TypeError, match=r"unknown LowRankConfig field\(s\) \['lora_alpha', 'r'\] \(PEFT LoraConfig names; here: lora_alpha -> alpha=.*r -> rank="):
+        LowRankConfig(r=8, lora_alpha=16)
+    with pytest.raises(ValueError, match=r"lora_dropout -> nothing: low-rank layers have no dropout"):
+        LowRankConfig.from_dict({"lora_dropout": 0.1})
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], mode="residual", rank=4)).eval()
+    with pytest.raises(AttributeError, match=r"'LowRankModel' object has no attribute 'merge_adapter', nor has the GPT2LMHeadModel it wraps; merge with merge_and_unload"):
+        model.merge_adapter()
+    with pytest.raises(AttributeError, match=r"^'LowRankModel' object has no attribute 'no_such_thing', nor has the GPT2LMHeadModel it wraps$"):
+        model.no_such_thing  # noqa: B018
+    assert not hasattr(model, "hf_device_map")  # probes by transformers and accelerate still see an AttributeError
+
+
+def test_disable_adapter_and_unload_give_the_frozen_base_back():
+    base = tiny_gpt2().eval()
+    ids = sample_ids()
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = get_lowrank_model(base, LowRankConfig(target_modules=["c_fc", "c_proj"], mode="residual", rank=4)).eval()
+    with torch.no_grad():
+        for layer in model.lowrank_layers().values():
+            layer.B.normal_()  # a trained adapter
+        tuned = model(input_ids=ids).logits
+        assert not torch.allclose(tuned, want)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=0, rtol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, tuned, atol=0, rtol=0)
+        plain = model.unload()
+        assert type(plain) is transformers.GPT2LMHeadModel
+        assert not any(type(m).__name__ == "LowRankLinear" for m in plain.modules())
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, atol=0, rtol=0)
+    factorized = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4))
+    with pytest.raises(ValueError, match=r"disable_adapter\(\): no layer is in residual mode .*mode='residual'"):
+        with factorized.disable_adapter():
+            pass
+    with pytest.raises(ValueError, match=r"unload\(\): layers .* are not residual.*merge_and_unload\(\)"):
+        factorized.unload()
