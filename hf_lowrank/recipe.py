@@ -345,6 +345,7 @@ def train_one(
         base.config.id2label = dict(enumerate(labels))
         base.config.label2id = {name: i for i, name in enumerate(labels)}
     model = get_lowrank_model(base, config)
+    initial_pattern = model.rank_pattern()  # the layout at step 0, which the rank plot starts from
     clock = _run_clock()
     trainer = LowRankTrainer(
         model=model,
@@ -384,6 +385,7 @@ def train_one(
         "ranks": {r["layer"]: r["rank"] for r in report},
         "full_ranks": {r["layer"]: r["full_rank"] for r in report},
         "rank_pattern": model.rank_pattern(),
+        "initial_pattern": initial_pattern,
         "summary": model.summary(),
         "steps": steps,
         "tokens": tokens,
