@@ -26,6 +26,26 @@ REBALANCE_EVERY = 50  # the period of rebalance_every=None (measured on cpu-long
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
 
+# PEFT LoraConfig names a LoRA user types, and what LowRankConfig calls them (or why there is none).
+LORA_NAMES = {
+    "r": "rank=",
+    "lora_alpha": "alpha= (the residual adapter's scale is alpha / rank)",
+    "lora_dropout": "nothing: low-rank layers have no dropout of their own",
+    "init_lora_weights": "init= (residual adapters always start with B = 0)",
+    "use_rslora": "alpha= (the scale is alpha / rank)",
+    "fan_in_fan_out": "nothing: GPT-2's Conv1D is recognised by its type",
+    "layers_to_transform": "target_modules= with a regex on the full module name",
+    "bias": "nothing: biases train with the layer in dense and factorized modes and stay frozen in residual mode",
+    "task_type": "nothing: the wrapped model's class sets the task",
+}
+
+
+def unknown_fields_message(unknown: list[str], known: list[str], where: str) -> str:
+    """``unknown LowRankConfig field(s) [...]`` with the LowRankConfig name of each PEFT LoRA name among them."""
+    hints = [f"{name} -> {LORA_NAMES[name]}" for name in unknown if name in LORA_NAMES]
+    pointer = f" (PEFT LoraConfig names; here: {'; '.join(hints)})" if hints else ""
+    return f"{where}: unknown LowRankConfig field(s) {unknown}{pointer}; known fields are {sorted(known)}."
+
 
 def _rank_pattern_problem(pattern: Any) -> str | None:
     """What is wrong with a rank pattern's form, or None; sizes are checked against each layer on loading."""
@@ -69,8 +89,8 @@ class LowRankConfig:
         default="factorized",
         metadata={
             "help": "Starting mode of each layer: 'dense' (W trainable), 'factorized' (W = B A) or 'residual' "
-            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) override it; "
-            "dynamic needs 'factorized' and refuses the others."
+            "(W = W0 + s B A with W0 frozen). Strategies that start dense (cuttlefish, warm_start) take 'dense' or "
+            "'factorized' and refuse 'residual'; inrank refuses 'dense'; dynamic needs 'factorized'."
         },
     )
     residual_base: str = field(
@@ -202,6 +222,12 @@ class LowRankConfig:
     )
     hf_lowrank_version: str = field(default=__version__, metadata={"help": "Library version that wrote the config."})
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "LowRankConfig":
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:  # before the dataclass __init__'s bare "unexpected keyword argument"
+            raise TypeError(unknown_fields_message(unknown, [f.name for f in dataclasses.fields(cls)], "LowRankConfig()"))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -272,6 +298,7 @@ class LowRankConfig:
             # validates the name, the keys and the values; a saved layout (rank_pattern) loads without its strategy,
             # which is checked when training needs it (loading never imports the module a file names)
             get_strategy(self.strategy).Args.from_dict(self.strategy_args)
+            get_strategy(self.strategy).check_config(self)  # a mode it cannot start from, settings it ignores
         problem = _rank_pattern_problem(self.rank_pattern)
         if problem:
             raise ValueError(
@@ -301,7 +328,7 @@ class LowRankConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown LowRankConfig field(s) {unknown}; known fields are {sorted(known)}.")
+            raise ValueError(unknown_fields_message(unknown, sorted(known), source))
         try:
             return cls(**data)
         except ValueError as e:

@@ -37,18 +37,41 @@ def decide_on_rank0(decide: Callable[[], Any], state: Callable[[], Any]) -> tupl
     return payload[0], payload[1]
 
 
-def rewrap_ddp(ddp: nn.parallel.DistributedDataParallel, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
+def rewrap_ddp(ddp: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     """A new DDP around ``ddp.module`` after its parameters changed (DDP's buckets hold the old ones).
 
-    ``ddp_kwargs`` are DDP's options (e.g. Accelerate's ``ddp_handler.to_kwargs()``); the
-    device comes from the module's parameters.
+    Call it when ``update_ranks`` returns a plan with ``changes_shapes``. ``ddp_kwargs`` are
+    DDP's options (e.g. Accelerate's ``ddp_handler.to_kwargs()``); without them the old
+    wrapper's ``find_unused_parameters`` and ``gradient_as_bucket_view`` are kept (a communication hook is not: register it again). The device comes from the
+    module's parameters. A module that is not wrapped in DDP (one process, FSDP2) is returned
+    as it is, so one loop runs with and without DDP.
     """
+    if not is_ddp(ddp):
+        return ddp
+    for option in ("find_unused_parameters", "gradient_as_bucket_view"):
+        if option not in ddp_kwargs and hasattr(ddp, option):
+            ddp_kwargs[option] = getattr(ddp, option)
     module = ddp.module
     device = next(module.parameters()).device
     device_ids = None if device.type == "cpu" else [device.index]
     return nn.parallel.DistributedDataParallel(
         module, device_ids=device_ids, output_device=device_ids[0] if device_ids else None, **ddp_kwargs
     )
+
+
+def stale_ddp(module: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DDP wrapper running ``module``'s forward right now if it holds parameters ``module`` no longer has.
+
+    DDP records the parameters it reduces when it is built; after a shape change the module's
+    new parameters would train unsynchronised and the next step would fail in DDP's reducer.
+    """
+    ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is None or getattr(ddp, "module", None) is not module:
+        return None
+    held = {id(p) for p in getattr(ddp, "_module_parameters", ())}
+    ignored = getattr(ddp, "parameters_to_ignore", set())
+    live = {id(p) for n, p in module.named_parameters() if n not in ignored}
+    return ddp if held != live else None
 
 
 def is_ddp(module: nn.Module) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import time
@@ -83,6 +84,22 @@ def _check_not_tied(model: nn.Module, names: list[str]) -> None:
             )
 
 
+# PEFT names a LoRA user reaches for that LowRankModel does not have, with where to go instead.
+_ONE_ADAPTER = "a LowRankModel has one low-rank factor pair per layer, not named adapters"
+PEFT_POINTERS = {
+    "merge_adapter": "merge with merge_and_unload() (returns the plain transformers model)",
+    "unmerge_adapter": "merge_and_unload() returns a plain model; keep the LowRankModel to train on",
+    "set_adapter": _ONE_ADAPTER,
+    "add_adapter": _ONE_ADAPTER + "; export one to PEFT with hf_lowrank.peft_interop (docs/hub.md)",
+    "delete_adapter": _ONE_ADAPTER + "; unload() drops it (residual mode)",
+    "load_adapter": "load a saved model or adapter with LowRankModel.from_pretrained(folder, base_model=...)",
+    "active_adapter": _ONE_ADAPTER,
+    "active_adapters": _ONE_ADAPTER,
+    "peft_config": "the settings are model.lowrank_config (a LowRankConfig)",
+    "get_peft_config_as_dict": "the settings are model.lowrank_config.to_dict()",
+}
+
+
 class _Forward:
     """``LowRankModel.forward`` bound to one model, carrying the wrapped model's signature.
 
@@ -130,6 +147,8 @@ class LowRankModel(nn.Module):
         self.decision_seconds = 0.0
         self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
         self._bound = False
+        self._max_steps: int | None = None  # the run length bind_training was given
+        self._ddp_check = False  # parameters were replaced: check once that a DDP wrapper was rebuilt
         self._hooked_optimizers: set[int] = set()  # optimizers that carry this model's gradient hooks
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
@@ -256,7 +275,14 @@ class LowRankModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
+        try:
             return getattr(self.base_model, name)
+        except AttributeError:
+            hint = PEFT_POINTERS.get(name, "")
+            raise AttributeError(
+                f"'LowRankModel' object has no attribute {name!r}, nor has the {type(self.base_model).__name__} it wraps"
+                + (f"; {hint}" if hint else "")
+            ) from None
 
     def forward(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
@@ -278,7 +304,23 @@ class LowRankModel(nn.Module):
                 "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
                 "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
             )
+        if self._ddp_check and not torch.compiler.is_compiling():
+            self._check_ddp_rebuilt()
         return self.base_model(*args, **kwargs)
+
+    def _check_ddp_rebuilt(self) -> None:
+        """After a shape change, refuse a forward through a DDP wrapper still holding the replaced parameters."""
+        stale = distributed.stale_ddp(self)
+        if stale is not None:
+            raise RuntimeError(
+                "the DistributedDataParallel wrapper running this forward still holds the parameters a rank change "
+                "replaced (the last plan had changes_shapes), so the new ones would train unsynchronised and DDP's "
+                "reducer would fail at the next step; rebuild it after update_ranks: "
+                "`if plan is not None and plan.changes_shapes: model = hf_lowrank.distributed.rewrap_ddp(model)` "
+                "(LowRankTrainer does this itself)."
+            )
+        if getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None or distributed.world()[1] == 1:
+            self._ddp_check = False  # passed under a rebuilt DDP, or no DDP can hold this model (one process)
 
     def _needs_driver(self) -> bool:
         """Whether training without bind_training would silently skip something the config asks for."""
@@ -372,6 +414,7 @@ class LowRankModel(nn.Module):
                 f"LowRankConfig.{', '.join(needs_groups)} needs factor parameter groups: build the optimizer "
                 "from hf_lowrank.optim.param_groups(model, lr, weight_decay), or train with LowRankTrainer."
             )
+        self._max_steps = max_steps
         self._bound = True
 
     def _rebalance_period(self) -> int:
@@ -396,13 +439,21 @@ class LowRankModel(nn.Module):
         ``torch.distributed`` process 0 decides and every process applies the same plan. When
         parameters are replaced, ``optimizer`` is regrouped onto the live ones (survivors keep
         their state); a plan's learning-rate factor and re-warm act on ``optimizer`` and
-        ``lr_scheduler``. Returns the plan applied, or None. A DDP wrapper must be rebuilt by
-        the caller when ``plan.changes_shapes`` (see ``hf_lowrank.distributed.rewrap_ddp``).
+        ``lr_scheduler``. Returns the plan applied, or None. ``step`` runs from 1 to the
+        ``max_steps`` given to :meth:`bind_training`; a step past it is refused. A DDP wrapper
+        must be rebuilt by the caller when ``plan.changes_shapes``
+        (``hf_lowrank.distributed.rewrap_ddp``); a forward through the old one raises, naming it.
         Every ``LowRankConfig.rebalance_every`` steps the factorized layers' factor pairs are
         re-balanced here (:func:`hf_lowrank.optim.rebalance`), on every process alike.
         """
         if not self._bound:
             raise RuntimeError("call model.bind_training(max_steps, optimizer, lr_scheduler) before update_ranks.")
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self._max_steps:
+            raise ValueError(
+                f"update_ranks(step={step!r}): steps run from 1 to max_steps={self._max_steps}, the length "
+                "bind_training was given (the strategy's schedule and the learning-rate schedule end there); stop the "
+                "loop at max_steps (e.g. itertools.islice(loader, max_steps)) or bind again with the run's real length."
+            )
         plan = None
         if self.strategy.due(step):
             start = time.perf_counter()
@@ -516,6 +567,7 @@ class LowRankModel(nn.Module):
                 skipped.append(f"{change.op} of {change.layer} skipped: its SVD failed ({e}); the layer is left as it was.")
         after = dict(self.named_parameters())
         replaced = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
+        self._ddp_check = self._ddp_check or replaced
         if replaced and optimizer is not None:
             frob = self.lowrank_config.frobenius_decay > 0
             optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim.decays(n, p, frob))
@@ -546,11 +598,74 @@ class LowRankModel(nn.Module):
             layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable and total parameters of the whole model (shared tensors counted once)."""
+        """Trainable and total parameters of the whole model (shared tensors counted once).
+
+        ``trainable`` counts the allocated factors (the capacity, which the optimizer holds);
+        ``active`` counts, of those, only the components in the forward (the active rank),
+        which is what a LoRA user reads as trainable; ``capacity`` is the difference, the
+        components allocated for growth.
+        """
         seen: dict[int, nn.Parameter] = {id(p): p for p in self.parameters()}
         total = sum(p.numel() for p in seen.values())
         trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-        return {"trainable": trainable, "total": total}
+        spare = sum(
+            (layer.capacity - layer.rank) * (layer.in_features + layer.out_features)
+            for layer in self.lowrank_layers().values()
+            if layer.mode != "dense" and layer.B is not None and layer.B.requires_grad
+        )
+        return {"trainable": trainable, "total": total, "active": trainable - spare, "capacity": spare}
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` as PEFT returns them; trainable counts the active ranks (see :meth:`parameter_counts`)."""
+        counts = self.parameter_counts()
+        return counts["active"], counts["total"]
+
+    def _counts_line(self, digits: int) -> str:
+        counts = self.parameter_counts()
+        spare = f" || allocated for growth: {counts['capacity']:,}" if counts["capacity"] else ""
+        return (
+            f"trainable params: {counts['active']:,}{spare} || all params: {counts['total']:,} || "
+            f"trainable%: {100 * counts['active'] / max(1, counts['total']):.{digits}f} || rank fraction: {self.rank_fraction():.3f}"
+        )
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: residual layers compute their frozen ``W0`` alone (PEFT's ``disable_adapter``).
+
+        Only residual mode has an adapter; factorized and dense layers are the model itself, so
+        a model without residual layers is refused.
+        """
+        layers = [layer for layer in self.lowrank_layers().values() if layer.mode == "residual"]
+        if not layers:
+            modes = sorted({layer.mode for layer in self.lowrank_layers().values()})
+            raise ValueError(
+                f"LowRankModel.disable_adapter(): no layer is in residual mode (modes: {modes}), so there is no adapter "
+                "over a frozen base to switch off: factorized layers are the model's weights themselves. "
+                "Adapters come with LowRankConfig(mode='residual')."
+            )
+        scalings = [layer.scaling for layer in layers]
+        try:
+            for layer in layers:
+                layer.scaling = 0.0
+            yield self
+        finally:
+            for layer, scaling in zip(layers, scalings):
+                layer.scaling = scaling
+
+    def unload(self) -> nn.Module:
+        """The wrapped model with every residual layer back to its frozen ``W0``, adapters dropped (PEFT's ``unload``).
+
+        Refused when a layer is factorized or dense (its weights are the model, there is nothing
+        to drop): use :meth:`merge_and_unload`.
+        """
+        other = sorted(n for n, layer in self.lowrank_layers().items() if layer.mode != "residual")
+        if other:
+            raise ValueError(
+                f"LowRankModel.unload(): layers {other[:3]}{'...' if len(other) > 3 else ''} are not residual, so they "
+                "have no base weight to return to; merge_and_unload() gives the plain model with the trained weights."
+            )
+        with self.disable_adapter():
+            return self.merge_and_unload()
 
     def layer_report(self) -> list[dict[str, Any]]:
         """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
@@ -587,20 +702,16 @@ class LowRankModel(nn.Module):
                 f"{r['layer']:<{width}}  {r['mode']:<10} {r['rank']:>5} {cap:>5} {r['full_rank']:>5}  "
                 f"{r['shape']:>11} {r['total']:>10,}"
             )
-        counts = self.parameter_counts()
-        lines.append(
-            f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['trainable'] / max(1, counts['total']):.2f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+        lines.append(self._counts_line(2))
         return "\n".join(lines)
 
     def print_trainable_parameters(self) -> None:
-        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table)."""
-        counts = self.parameter_counts()
-        print(
-            f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['trainable'] / max(1, counts['total']):.4f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
+
+        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
+        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
+        """
+        print(self._counts_line(4))
 
     # -- conversion ----------------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ class RecipeOptions:
     bf16: bool = field(
         default=False, metadata={"help": "bf16 autocast (CPU or GPU); weights stay float32 and every SVD runs in float32."}
     )
-    fp16: bool = field(default=False, metadata={"help": "fp16 autocast with a gradient scaler (GPU only)."})
+    fp16: bool = field(default=False, metadata={"help": "fp16 autocast with a gradient scaler (GPU only: refused on CPU before any data is read)."})
     seed: int = field(default=0, metadata={"help": "Seed of model init and data order (the dense comparison uses it too)."})
     eval_steps: Union[int, None] = field(default=None, metadata={"help": "Evaluate every N steps (None: at the end only)."})
     save_steps: Union[int, None] = field(

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .checks import fail
 from .config import LowRankConfig
 from .files import write_json
 from .options import RecipeError, RecipeOptions
@@ -200,6 +201,9 @@ def check(opts: RecipeOptions) -> None:
     from .model import get_lowrank_model
 
     try:
+        if opts.fp16 and (opts.use_cpu or not torch.cuda.is_available()):
+            where = "use_cpu is true" if opts.use_cpu else "no CUDA device is available"
+            fail("fp16", opts.fp16, f"fp16 autocast with a gradient scaler needs a GPU and {where}; use bf16 (CPU or GPU) or leave fp16 off")
         if opts.model_name_or_path:
             _check_model_path(opts.model_name_or_path)
         # num_labels None keeps every topic, a count only the data knows: any head size shows the layout
@@ -423,6 +427,7 @@ def train_one(
         model = base
     else:
         model, trainer_class = get_lowrank_model(base, config), LowRankTrainer
+    initial_pattern = {} if config is None else model.rank_pattern()  # the layout at step 0, which the rank plot starts from
     clock = _run_clock()
     trainer = trainer_class(
         model=model,
@@ -455,6 +460,7 @@ def train_one(
         "eval_loss": metrics["eval_loss"],
         "train_loss": train_out.training_loss,
         **(_plain_model_facts(model, trainer) if config is None else _lowrank_model_facts(model, trainer)),
+        "initial_pattern": initial_pattern,
         "steps": steps,
         "tokens": tokens,
         "train_seconds": train_seconds,

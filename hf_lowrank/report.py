@@ -260,9 +260,56 @@ def _rank_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+PHASES = {  # mode -> (label, shading); factorized is the plain background
+    "dense": ("dense W (full rank)", "0.85"),
+    "factorized": ("factorized W = B A", None),
+    "residual": ("frozen W0 + adapter (the curve: adapter rank)", "#cfe3f7"),
+}
+
+
+def _group_layers(entries: list[dict[str, Any]], layers: list[str]) -> list[list[str]]:
+    """Layers whose (step, mode, rank) curves are identical, together, in first-seen order."""
+    groups: dict[tuple, list[str]] = {}
+    for n in layers:
+        key = tuple((e["step"], tuple(e["layers"][n])) for e in entries if n in e["layers"])
+        groups.setdefault(key, []).append(n)
+    return list(groups.values())
+
+
+def _group_label(names: list[str], layers: list[str]) -> str:
+    if len(names) == 1:
+        return _short(names[0])
+    if len(names) == len(layers):
+        return f"all {len(names)} layers"
+    kinds: dict[str, int] = {}
+    for n in names:
+        kinds[_short(n).rsplit(".", 1)[-1]] = kinds.get(_short(n).rsplit(".", 1)[-1], 0) + 1
+    return f"{len(names)} layers: " + ", ".join(k if c == 1 else f"{k} x{c}" for k, c in kinds.items())
+
+
+def _phases(entries: list[dict[str, Any]], end: float) -> list[tuple[float, float, str]]:
+    """(start, end, mode) spans in which every layer is in one mode ("mixed" when they differ)."""
+    spans: list[tuple[float, float, str]] = []
+    for i, e in enumerate(entries):
+        modes = {v[0] for v in e["layers"].values()}
+        mode = modes.pop() if len(modes) == 1 else "mixed"
+        stop = entries[i + 1]["step"] if i + 1 < len(entries) else end
+        if spans and spans[-1][2] == mode:
+            spans[-1] = (spans[-1][0], stop, mode)
+        else:
+            spans.append((e["step"], stop, mode))
+    return [s for s in spans if s[1] > s[0]]
+
+
 def plot_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Per-layer active rank vs step, one panel per strategy that changes ranks; False when none does."""
+    """Active rank vs step from step 0, one panel per strategy that changes ranks; False when none does.
+
+    Layers whose curves are identical are drawn once (``all 16 layers``); the background shows
+    the phase every layer is in: dense (full rank), factorized ``B A``, or a frozen ``W0`` plus
+    an adapter, whose rank is what the curve shows.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     panels = _rank_rows(rows)
     if not panels:
@@ -274,25 +321,35 @@ def plot_ranks(rows: list[dict[str, Any]], path: Path) -> bool:
     for ax, r in zip(axes.flat, panels):
         entries = [e for e in r["history"] if e.get("layers")]
         layers = list(dict.fromkeys(n for e in entries for n in e["layers"]))
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in layers})
-        blocks = sorted({n.rsplit(".", 2)[0] for n in layers})
-        for n in layers:
-            xs = [e["step"] for e in entries if n in e["layers"]]
+        end = max([e["step"] for e in r["history"]] + [p["step"] for p in r.get("plans", [])] + [1])
+        top = max([p["full_rank"] for p in r["pattern"].values()] + [v[1] for e in entries for v in e["layers"].values()])
+        shown: dict[str, Any] = {}
+        for start, stop, mode in _phases(entries, end):
+            label, shade = PHASES.get(mode, ("layers in several modes", "0.93"))
+            if shade is not None:
+                ax.axvspan(start, stop, color=shade, alpha=0.6, linewidth=0, zorder=0)
+            shown.setdefault(label, Patch(facecolor=shade or "white", edgecolor="0.6", alpha=0.6 if shade else 1.0, label=label))
+        groups = _group_layers(entries, layers)
+        for i, names in enumerate(groups):
+            n = names[0]
+            xs = [e["step"] for e in entries if n in e["layers"]] + [end]
             ys = [e["layers"][n][1] for e in entries if n in e["layers"]]
-            color = cmap(blocks.index(n.rsplit(".", 2)[0]) / max(1, len(blocks) - 1) * 0.9)
-            ls = ("-", "--", ":", "-.")[kinds.index(n.rsplit(".", 1)[-1]) % 4]
-            ax.step(xs, ys, where="post", color=color, linestyle=ls, linewidth=1.4, label=_short(n))
+            ys.append(ys[-1])
+            color = cmap(i / max(1, len(groups) - 1) * 0.9)
+            ax.step(xs, ys, where="post", color=color, linewidth=1.6 if len(names) > 1 else 1.2, label=_group_label(names, layers))
         full = max(p["full_rank"] for p in r["pattern"].values()) if r["pattern"] else None
         if full:
             ax.axhline(full, color="grey", linewidth=0.8, linestyle=":")
-            ax.text(0.01, full, "full rank", va="bottom", fontsize=8, color="grey", transform=ax.get_yaxis_transform())
+            ax.text(0.99, full, "full rank", ha="right", va="top", fontsize=8, color="grey", transform=ax.get_yaxis_transform())
         for plan in r.get("plans", []):
             ax.axvline(plan["step"], color="red", alpha=0.35, linewidth=1)
         ax.set_title(f"{r['label']}: active rank per layer", fontsize=10)
         ax.set_ylabel("active rank (dense = full)")
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=6.5, ncol=2, loc="best")
+        ax.set_ylim(0, top * 1.08)
+        ax.set_xlim(0, end)
+        lines, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=[*shown.values(), *lines], fontsize=6.5, ncol=2 if len(groups) > 6 else 1, loc="center right")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[-1]:
@@ -348,10 +405,11 @@ RUN_LABELS = {"lowrank": "low-rank", "full_rank": "full rank"}
 def run_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The runs of a results.json (low-rank, and full rank when compared) as rows of the rank plot.
 
-    Each logging step of the Trainer's log history carries the rank of every layer
-    (``lowrank/rank/<layer>``); between logging steps, the applied plans say which layer
-    changed to which rank at which step. A row's ``history`` holds both, in step order, as
-    ``layers`` (layer -> [mode, rank]).
+    The layout at step 0 is ``initial_pattern`` (older results without it start from the first
+    logged ranks when no plan came before them). Each logging step of the Trainer's log
+    history carries the rank of every layer (``lowrank/rank/<layer>``); between logging steps,
+    the applied plans say which layer changed to which mode and rank at which step. A row's
+    ``history`` holds both, in step order, as ``layers`` (layer -> [mode, rank]).
     """
     from .trainer import RANK_LOG_PREFIX
 
@@ -361,28 +419,41 @@ def run_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if run is None:
             continue
         full_ranks = run.get("full_ranks", {})
+        initial = run.get("initial_pattern") or {}
+        modes = {n: spec["mode"] for n, spec in initial.items()}
+        ranks = {n: full_ranks.get(n) if spec["mode"] == "dense" else spec["rank"] for n, spec in initial.items()}
+        history = [{"step": 0, "layers": _layers(ranks, modes, run)}] if initial else []
         events = [(e["step"], 1, e) for e in run.get("log_history", [])]
         events += [(p["step"], 0, p) for p in run.get("plan_history", [])]  # a plan acts before that step's log
-        history, ranks = [], {}
         for step, is_log, event in sorted(events, key=lambda t: (t[0], t[1])):
             if is_log:
                 logged = {k[len(RANK_LOG_PREFIX):]: v for k, v in event.items() if k.startswith(RANK_LOG_PREFIX)}
                 ranks.update(logged)
-                history.append({**event, "layers": _layers(ranks, run)} if logged else event)
+                history.append({**event, "layers": _layers(ranks, modes, run)} if logged else event)
                 continue
             for change in event["changes"]:
-                ranks[change["layer"]] = full_ranks.get(change["layer"]) if change["op"] == "to_dense" else change["rank"]
-            history.append({"step": step, "layers": _layers(ranks, run)})
+                name, op = change["layer"], change["op"]
+                ranks[name] = full_ranks.get(name) if op == "to_dense" else change["rank"]
+                modes[name] = OP_MODES.get(op, modes.get(name, run.get("mode", "?")))
+            history.append({"step": step, "layers": _layers(ranks, modes, run)})
+        first = next((e for e in history if e.get("layers")), None)
+        if not initial and first is not None and not any(
+            p["step"] <= first["step"] for p in run.get("plan_history", [])
+        ):
+            history.insert(0, {"step": 0, "layers": first["layers"]})
         pattern = {n: {"full_rank": f, "rank": run["ranks"].get(n, f)} for n, f in full_ranks.items()}
         rows.append(
-            {"name": key, "label": f"{label} ({run['strategy']}, {run.get('mode', '?')})", "history": history,
+            {"name": key, "label": f"{label} ({run['strategy']})", "history": history,
              "pattern": pattern, "plans": run.get("plan_history", []), "changes_rank": key == "lowrank"}
         )
     return rows
 
 
-def _layers(ranks: dict[str, int | None], run: dict[str, Any]) -> dict[str, list]:
-    return {n: [run.get("mode", "?"), r] for n, r in ranks.items() if r is not None}
+OP_MODES = {"to_dense": "dense", "to_factorized": "factorized", "to_residual": "residual"}
+
+
+def _layers(ranks: dict[str, int | None], modes: dict[str, str], run: dict[str, Any]) -> dict[str, list]:
+    return {n: [modes.get(n, run.get("mode", "?")), r] for n, r in ranks.items() if r is not None}
 
 
 def plot_run_loss(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -407,6 +478,7 @@ def plot_run_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
+    ax.set_xlim(left=0)
     ax.set_xlabel("optimizer step (red lines: rank decisions applied)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Loss vs step")
@@ -461,6 +533,8 @@ def _agg() -> None:
 def write_report(run_dir: str | Path) -> Path:
     """Regenerate ``report.md`` and the plots in ``run_dir``; returns the path of ``report.md``."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such folder (give the output_dir of hf-lowrank train, or a benchmark's run folder)")
     out = run_dir / "report.md"
     if (run_dir / "rows").is_dir():
         rows = load_rows(run_dir)

@@ -145,7 +145,8 @@ def save(
     ``adapter_only`` writes, instead, ``lowrank_adapter.safetensors`` with only the factors,
     ``modules_to_save`` and trainable tensors, and ``lowrank_base.json`` with fingerprints
     of everything else, which :meth:`from_pretrained` takes from the base model
-    (``LowRankConfig.base_model_name_or_path``, or ``base_model=``) and checks. The
+    (``LowRankConfig.base_model_name_or_path``, recorded as an absolute path when it is a local
+    folder, or ``base_model=``) and checks. The
     ``config.json`` written makes transformers' own loaders refuse the folder with a message
     pointing here, instead of loading it with random weights.
     """
@@ -165,6 +166,9 @@ def save(
     base = None
     if adapter_only:
         tensors, aliases, base = _split_adapter(lowrank, tensors, aliases)
+        name = config.base_model_name_or_path
+        if name and Path(name).is_dir():  # typed relative to where training ran: record it so it loads from anywhere
+            config = LowRankConfig.from_dict({**config.to_dict(), "base_model_name_or_path": str(Path(name).resolve())})
     lowrank.base_model.config.architectures = [type(lowrank.base_model).__name__]
     with atomic_directory(save_directory) as tmp:
         lowrank.base_model.config.save_pretrained(tmp)

@@ -61,11 +61,16 @@ class LowRankCallback(TrainerCallback):
     """Runs a LowRankModel's strategy inside a plain ``transformers.Trainer``.
 
     ``Trainer(model=lowrank_model, ..., callbacks=[LowRankCallback()])`` binds the strategy
-    when training starts and calls ``update_ranks`` after every optimizer step. It cannot
-    rebuild the Trainer's DDP wrapper, so a strategy that changes shapes is refused under
-    data parallelism (use ``LowRankTrainer``, which also saves the strategy state in
-    checkpoints for resuming).
+    when training starts and calls ``update_ranks`` after every optimizer step. When the
+    Trainer is built with the callback, its checkpoints and ``save_model`` write what
+    ``LowRankTrainer`` writes (config, rank pattern, tied weights stored once, strategy state)
+    and resuming rebuilds the ranks and the strategy first, as ``LowRankTrainer`` does. It
+    cannot rebuild the Trainer's DDP wrapper, so a strategy that changes shapes is refused
+    under data parallelism (use ``LowRankTrainer``).
     """
+
+    def on_init_end(self, args, state, control, **kwargs):
+        _adopt(_calling_trainer(self))
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         lowrank = _find_lowrank(model)
@@ -75,10 +80,56 @@ class LowRankCallback(TrainerCallback):
                 "transformers.Trainer cannot follow under data parallelism (its DDP wrapper keeps the old parameters); "
                 "use hf_lowrank.LowRankTrainer."
             )
+        trainer = _calling_trainer(self)
+        if trainer is not None and not getattr(trainer, "_lowrank_adopted", False):
+            if args.save_strategy != "no":  # added after __init__: checkpoints would miss the rank pattern
+                raise ValueError(
+                    f"LowRankCallback was added after the Trainer was built (trainer.add_callback), so its checkpoints "
+                    f"(save_strategy={str(args.save_strategy)!r}) would not carry the rank pattern or the strategy state; "
+                    "pass it as Trainer(..., callbacks=[LowRankCallback()]) or use hf_lowrank.LowRankTrainer."
+                )
         _bind(lowrank, args, state, optimizer, lr_scheduler, None, args.per_device_train_batch_size * 128)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         _find_lowrank(model).update_ranks(state.global_step, optimizer, lr_scheduler)
+
+
+def _calling_trainer(callback: TrainerCallback) -> Trainer | None:
+    """The Trainer whose event is calling ``callback`` (callbacks receive the model, not the Trainer)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None) if isinstance(owner, Trainer) else None
+        if handler is not None and any(cb is callback for cb in handler.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _adopt(trainer: Trainer | None) -> None:
+    """Give a plain Trainer LowRankTrainer's model files: checkpoint and final saves, resume, best-model load.
+
+    The Trainer's own save writes the state dict as one safetensors file (refused for tied
+    weights, and without the config or rank pattern a LowRankModel loads from); resuming loads
+    it into the current shapes, which a rank change has made different.
+    """
+    if trainer is None or isinstance(trainer, LowRankTrainer) or getattr(trainer, "_lowrank_adopted", False):
+        return
+    trainer.nonfinite_steps = []
+    trainer._saving_checkpoint = False
+    for name in ("lowrank_state", "_save", "_load_from_checkpoint", "_load_best_model"):
+        setattr(trainer, name, getattr(LowRankTrainer, name).__get__(trainer))
+    save_checkpoint = trainer._save_checkpoint
+
+    def _save_checkpoint(model, trial):  # checkpoints keep the full capacity, so a resumed run continues exactly
+        trainer._saving_checkpoint = True
+        try:
+            save_checkpoint(model, trial)
+        finally:
+            trainer._saving_checkpoint = False
+
+    trainer._save_checkpoint = _save_checkpoint
+    trainer._lowrank_adopted = True
 
 
 def _find_lowrank(model: nn.Module | None) -> LowRankModel:

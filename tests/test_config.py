@@ -126,7 +126,7 @@ def test_bad_field_messages_say_what_is_allowed():
         LowRankConfig(strategy_args={"unknown": 1})
     with pytest.raises(ValueError, match=r"LowRankConfig\.strategy_args\.threshold=2\.0"):
         LowRankConfig(strategy="inrank", strategy_args={"threshold": 2.0})
-    with pytest.raises(ValueError, match=r"choose one of \[.*'cuttlefish', 'dynamic', 'fixed', 'inrank', .*'warm_start'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \[.*'cuttlefish', .*'dynamic', .*'fixed', .*'inrank', .*'warm_start'\]"):
         LowRankConfig(strategy="nope")
 
 
@@ -230,3 +230,40 @@ def test_any_values_give_a_config_or_a_value_error_naming_a_field(values):
         return
     again = LowRankConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("strategy", ["cuttlefish", "warm_start"])
+def test_a_mode_a_strategy_never_uses_is_refused_naming_what_it_does(strategy):
+    """Residual under a strategy that starts dense would give full fine-tuning then a lossy SVD, not adapters."""
+    with pytest.raises(ValueError, match=rf"mode='residual' is not allowed; strategy '{strategy}' .*dense.*no residual phase.*'inrank' or 'fixed' with mode='residual'"):
+        LowRankConfig(target_modules=["c_fc"], mode="residual", strategy=strategy)
+    with pytest.raises(ValueError, match=r"mode='dense' is not allowed; strategy 'inrank' grows factor ranks"):
+        LowRankConfig(target_modules=["c_fc"], mode="dense", strategy="inrank")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"strategy": "inrank", "rank": 8}, r"rank=8 is not used by strategy 'inrank': ranks start at strategy_args\.initial_rank .* capacity"),
+        ({"strategy": "cuttlefish", "capacity": 0.5}, r"capacity=0\.5 is not used by strategy 'cuttlefish'"),
+        ({"strategy": "warm_start", "init": "kaiming"}, r"init='kaiming' is not used by strategy 'warm_start': the factors come from the SVD"),
+        ({"strategy": "dynamic", "rank": 4}, r"rank=4 is not used by strategy 'dynamic': the factorized rank is strategy_args\.rank"),
+        ({"strategy": "fixed", "alpha": 16.0}, r"alpha=16\.0 is not used by strategy 'fixed': mode='factorized' .*only mode='residual' uses it"),
+    ],
+)
+def test_a_setting_a_strategy_ignores_is_warned_about(settings, message):
+    with pytest.warns(UserWarning, match=message) as caught:
+        LowRankConfig(target_modules=["c_fc"], **settings)
+    assert caught[0].filename == __file__, "the warning points at the line that built the config"
+
+
+def test_settings_a_strategy_uses_and_saved_configs_pass_quietly():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LowRankConfig(target_modules=["c_fc"], strategy="inrank", capacity=0.5, mode="residual", alpha=16.0)
+        LowRankConfig(target_modules=["c_fc"], strategy="warm_start", rank=0.375)
+        LowRankConfig(target_modules=["c_fc"], strategy="fixed", mode="residual", rank=4, alpha=8.0)
+        pattern = {"h.0.mlp.c_fc": {"mode": "factorized", "rank": 4, "capacity": 4, "scaling": 1.0}}
+        LowRankConfig(target_modules=["c_fc"], strategy="inrank", rank=8, rank_pattern=pattern)  # a saved model loads as saved

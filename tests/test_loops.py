@@ -419,3 +419,166 @@ def test_factor_weight_decay_sets_the_factor_groups():
 def test_rebalance_settings_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         LowRankConfig(target_modules=["c_fc"], **{field: value})
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def saving_trainer(out, model, max_steps=12):
+    args = transformers.TrainingArguments(
+        str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=3e-3, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=4, logging_steps=1, disable_tqdm=True, seed=0, data_seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[LowRankCallback()])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2 ties lm_head to wte; this Llama does not
+def test_plain_trainer_with_the_callback_saves_resumes_and_loads(family, tmp_path):
+    from hf_lowrank import LowRankModel
+
+    build = tiny_gpt2 if family == "gpt2" else tiny_llama
+    config = {**INRANK, "exclude_modules": None} if family == "llama" else INRANK
+    config = {**config, "target_modules": ["c_fc", "c_proj"] if family == "gpt2" else ["gate_proj", "down_proj"]}
+    full = saving_trainer(tmp_path / "full", get_lowrank_model(build(), LowRankConfig(**config)))
+    full.train()
+    assert any("stage 2" in h["reason"] for h in full.model.plan_history)
+    checkpoint = tmp_path / "full" / "checkpoint-8"  # right after stage 2 changed the shapes
+    assert {"config.json", "lowrank_config.json", "model.safetensors", "lowrank_trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    loaded = LowRankModel.from_pretrained(checkpoint).eval()
+    assert loaded.rank_pattern() == json_pattern(checkpoint)
+
+    resumed = saving_trainer(tmp_path / "full", get_lowrank_model(build(), LowRankConfig(**config)))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    losses = lambda t: {e["step"]: e["loss"] for e in t.state.log_history if "loss" in e and e["step"] > 8}  # noqa: E731
+    torch.testing.assert_close(list(losses(resumed).values()), list(losses(full).values()), rtol=1e-4, atol=1e-6)
+    assert resumed.model.rank_pattern() == full.model.rank_pattern()
+    assert resumed.model.strategy.state_dict() == full.model.strategy.state_dict()
+
+    full.save_model(str(tmp_path / "final"))  # the final save is trimmed to the active ranks
+    final = LowRankModel.from_pretrained(tmp_path / "final").eval()
+    ids = next(batches(1))["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, full.model.eval()(input_ids=ids).logits)
+    assert all(layer.capacity == layer.rank for layer in final.lowrank_layers().values())
+
+
+def json_pattern(folder):
+    import json
+
+    return json.loads((folder / "lowrank_config.json").read_text())["rank_pattern"]
+
+
+def test_a_callback_added_after_the_trainer_was_built_refuses_checkpoints_it_cannot_write(tmp_path):
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    trainer = saving_trainer(tmp_path, model)
+    trainer.callback_handler.callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, LowRankCallback)]
+    late = transformers.Trainer(model=model, args=trainer.args, train_dataset=TokenDataset())
+    late.add_callback(LowRankCallback())
+    with pytest.raises(ValueError, match=r"added after the Trainer was built.*callbacks=\[LowRankCallback\(\)\]"):
+        late.train()
+
+
+# -- docs/trainer.md's loops, as written, in one process and two ---------------------------------
+
+def run_docs_loop(which: str, out, launcher: list[str] | None = None, **env_vars: str) -> list[dict]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("docs_loops.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **env_vars}
+    proc = subprocess.run([*(launcher or [sys.executable]), str(script), which, str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("process-*.json"))]
+
+
+def check_docs_run(runs: list[dict], world: int, wrapper: str) -> None:
+    from docs_loops import MAX_STEPS
+
+    assert [r["world_size"] for r in runs] == [world] * world
+    for r in runs:
+        assert r["steps"] == list(range(1, MAX_STEPS + 1)), "the loop stops at max_steps though the loader is longer"
+        assert any(p["changes_shapes"] and "stage 2" in p["reason"] for p in r["plans"]), "InRank's stage 2 ran"
+        assert r["wrapper"] == wrapper
+        assert min(r["lr"]) >= 0
+        assert all(spec["rank"] == spec["capacity"] for spec in r["rank_pattern"].values())
+    assert all(r["rank_pattern"] == runs[0]["rank_pattern"] and r["plans"] == runs[0]["plans"] for r in runs)
+    assert all(abs(r["eval_loss"] - runs[0]["eval_loss"]) < 1e-5 for r in runs), "DDP kept the processes' weights equal"
+
+
+@pytest.mark.parametrize("which", ["pytorch", "accelerate"])
+def test_docs_loops_run_as_written_in_one_process(which, tmp_path):
+    check_docs_run(run_docs_loop(which, tmp_path), 1, "LowRankModel")
+
+
+@pytest.mark.slow
+def test_docs_pytorch_loop_runs_as_written_under_torchrun(tmp_path):
+    import sys
+
+    from test_distributed import free_port
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
+    check_docs_run(run_docs_loop("pytorch", tmp_path, launcher), 2, "DistributedDataParallel")
+
+
+@pytest.mark.slow
+def test_docs_accelerate_loop_runs_as_written_under_accelerate_launch(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(free_port())]
+    # accelerate's multi-GPU launcher does not pass the config's use_cpu on; a plain Accelerator() reads it from here
+    runs = run_docs_loop("accelerate", tmp_path, launcher, ACCELERATE_USE_CPU="true")
+    check_docs_run(runs, 2, "DistributedDataParallel")
+
+
+def test_a_ddp_wrapper_left_after_a_shape_change_is_named_and_update_ranks_stops_at_max_steps(tmp_path):
+    """The loop without its rewrap_ddp line fails at the first forward after the shape change, naming the fix;
+    a loop that runs past max_steps is stopped by update_ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=8, strategy=EveryFourthTruncates.name))
+        optimizer = torch.optim.AdamW(optim.param_groups(model, lr=3e-3))
+        model.bind_training(10, optimizer)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(RuntimeError, match=r"still holds the parameters a rank change replaced.*rewrap_ddp"):
+            for step, batch in enumerate(batches(10), start=1):
+                ddp(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                model.update_ranks(step, optimizer)
+        assert step == 5, "caught at the first forward after the truncation at step 4"
+        fresh = torch.nn.parallel.DistributedDataParallel(model)
+        from hf_lowrank.distributed import rewrap_ddp
+
+        assert rewrap_ddp(model) is model, "without DDP rewrap_ddp returns the model as it is"
+        rebuilt = rewrap_ddp(fresh)
+        assert rebuilt.module is model and rebuilt.find_unused_parameters == fresh.find_unused_parameters
+        rebuilt(**next(batches(1))).loss.backward()  # the rebuilt wrapper holds the live parameters
+    finally:
+        dist.destroy_process_group()
+
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**INRANK))
+    optimizer = torch.optim.AdamW(optim.param_groups(model, lr=3e-3))
+    model.bind_training(12, optimizer)
+    model.update_ranks(12, optimizer)
+    with pytest.raises(ValueError, match=r"update_ranks\(step=13\): steps run from 1 to max_steps=12.*islice"):
+        model.update_ranks(13, optimizer)
+    with pytest.raises(ValueError, match=r"update_ranks\(step=0\)"):
+        model.update_ranks(0, optimizer)

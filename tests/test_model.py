@@ -212,7 +212,7 @@ def test_parameter_counts_follow_the_formula(family, mode):
     plain = build(family)
     model = start(family, mode)
     untouched = sum(p.numel() for p in {id(p): p for p in plain.parameters()}.values())
-    expected_trainable = expected_total = 0
+    expected_trainable = expected_total = spare = 0
     for name, layer in model.lowrank_layers().items():
         original = plain.get_submodule(name)
         bias = 0 if original.bias is None else original.bias.numel()
@@ -220,12 +220,15 @@ def test_parameter_counts_follow_the_formula(family, mode):
         trainable, total = layer_formula(layer, bias)
         expected_trainable += trainable
         expected_total += total
+        if layer.mode != "dense":  # components allocated beyond the active rank
+            spare += (layer.capacity - layer.rank) * (layer.in_features + layer.out_features)
     # Residual mode over the model's weights is fine-tuning: everything but the adapters is frozen.
     frozen = mode == "residual"
+    trainable = (0 if frozen else untouched) + expected_trainable
     assert model.parameter_counts() == {
-        "trainable": (0 if frozen else untouched) + expected_trainable,
-        "total": untouched + expected_total,
+        "trainable": trainable, "total": untouched + expected_total, "active": trainable - spare, "capacity": spare,
     }
+    assert (spare > 0) == (mode in ("factorized_cap", "residual", "mixed")), "rank 4 within capacity 8 leaves room to grow"
     if mode == "factorized_cap":  # concretely: every layer holds 8 * (in + out) + bias
         assert all(layer.capacity == 8 for layer in model.lowrank_layers().values())
     report = model.layer_report()

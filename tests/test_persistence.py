@@ -152,6 +152,23 @@ def test_adapter_only_save_loads_onto_its_base(tmp_path, pretrained):
     assert not any(p.name.startswith("lowrank_adapter") or p.name == "lowrank_base.json" for p in (tmp_path / "adapter").iterdir())
 
 
+def test_adapter_only_save_records_a_relative_base_folder_so_it_loads_from_anywhere(tmp_path, pretrained, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = residual(transformers.AutoModelForCausalLM.from_pretrained("base"))  # typed relative, as a user does
+    assert model.lowrank_config.base_model_name_or_path == "base"
+    model.save_pretrained("adapter", adapter_only=True)
+    config = json.loads((tmp_path / "adapter" / "lowrank_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(pretrained.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = LowRankModel.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, sample_ids()), logits(model, sample_ids()), atol=ATOL, rtol=0)
+    pretrained.rename(tmp_path / "moved")  # the base is gone: the error says how to give it
+    with pytest.raises(ValueError, match=r"base_model_name_or_path='.*base' is not a local folder; load the base yourself and pass it"):
+        LowRankModel.from_pretrained(tmp_path / "adapter")
+
+
 def test_adapter_only_save_carries_modules_to_save(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(

@@ -131,7 +131,7 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
         (["--lowrank.strategy_args.stage2_at", "50"], "LowRankConfig.strategy_args.stage2_at=50 is step 50, after the end of training (max_steps=4)"),
         (["--lowrank.target_modules", "[nope]"], "LowRankConfig.target_modules=['nope'] (exclude_modules='.*attn.*') matches no nn.Linear"),
         (["--lowrank.target_modules", "[lm_head]"], "shares its weight with"),
-        (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' does not fit strategy 'inrank'"),
+        (["--lowrank.mode", "dense"], "LowRankConfig.mode='dense' is not allowed; strategy 'inrank' grows factor ranks"),
         (["--model_name_or_path", "runs/no/such/final"], "model_name_or_path='runs/no/such/final' is not allowed; that folder does not exist"),
         # transformers' own validation of TrainingArguments and of the optimizer, before any data
         (["--optim", "galore_adamx"], "optim='galore_adamx' is not allowed; transformers.TrainingArguments refused it (galore_adamx is not a valid OptimizerNames"),
@@ -139,6 +139,7 @@ INRANK_4_STEPS = [a for k, v in SCHEDULES["inrank"].items() for a in (f"--lowran
         (["--optim", "galore_adamw", "--optim_target_modules", "[c_fc]"],
          "optim='galore_adamw' is not allowed; transformers could not build it (No target modules found"),
         (["--optim", "galore_adamw", "--optim_target_modules", "[c_fc]"], "are transformers Conv1D (GPT-2's), which GaLore and APOLLO skip"),
+        (["--use_cpu", "true", "--fp16", "true"], "fp16=True is not allowed; fp16 autocast with a gradient scaler needs a GPU and use_cpu is true; use bf16"),
     ],
 )
 def test_recipe_is_checked_before_any_data(extra, message, monkeypatch, capsys, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hf_lowrank.cli import main
-from hf_lowrank.report import COLUMNS, run_rows, write_report
+from hf_lowrank.report import COLUMNS, plot_ranks, run_rows, write_report
 from hf_lowrank.results import speed_warning
 
 MLP = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
@@ -146,9 +146,55 @@ def test_rank_rows_follow_the_log_history():
     low = rows[0]
     assert [r["name"] for r in rows] == ["lowrank", "full_rank"] and low["changes_rank"]
     # logged at steps 1, 2 and 4; the stage-2 plan at step 3 says when the ranks fell
+    # (results without initial_pattern start at step 0 from the first logged ranks, no plan having come before)
     steps = [(e["step"], e["layers"]["transformer.h.0.attn.c_attn"][1]) for e in low["history"] if e.get("layers")]
-    assert steps == [(1, 9), (2, 10), (3, 6), (4, 6)]
+    assert steps == [(0, 9), (1, 9), (2, 10), (3, 6), (4, 6)]
     assert low["pattern"]["transformer.h.0.attn.c_proj"]["full_rank"] == 32
+
+
+def _phased_run(strategy, initial_mode, plans):
+    """results.json of a 40-step run of 4 layers logging every 10 steps, from ``initial_mode`` through ``plans``."""
+    results = _run_results(strategy, ranks_by_step=((10, 32), (20, 8), (30, 8), (40, 8)))
+    low = results["lowrank"]
+    layers = [f"transformer.h.{b}.mlp.{k}" for b in (0, 1) for k in ("c_fc", "c_proj")]
+    low["full_ranks"] = {n: 32 for n in layers}
+    low["ranks"] = {n: 8 for n in layers}
+    low["initial_pattern"] = {n: {"mode": initial_mode, "rank": None if initial_mode == "dense" else 8, "capacity": None if initial_mode == "dense" else 8, "scaling": 1.0} for n in layers}
+    low["plan_history"] = [{"step": step, "reason": "r", "changes": [{"layer": n, "op": op, "rank": rank} for n in layers]} for step, op, rank in plans]
+    low["log_history"] = [{"step": s, "loss": 5.0 - 0.01 * s} for s in (10, 20, 30, 40)]  # losses only: ranks come from the plans
+    return results
+
+
+def test_rank_plot_starts_at_step_0_groups_identical_layers_and_names_each_phase(tmp_path):
+    from hf_lowrank.report import _group_label, _group_layers, _phases
+
+    warm = run_rows(_phased_run("warm_start", "dense", [(15, "to_factorized", 8)]))[0]
+    entries = [e for e in warm["history"] if e.get("layers")]
+    assert entries[0]["step"] == 0 and set(map(tuple, entries[0]["layers"].values())) == {("dense", 32)}, "the dense phase shows from step 0"
+    assert [(a, b, m) for a, b, m in _phases(entries, 40)] == [(0, 15, "dense"), (15, 40, "factorized")]
+    layers = list(entries[0]["layers"])
+    groups = _group_layers(entries, layers)
+    assert groups == [layers] and _group_label(groups[0], layers) == "all 4 layers"
+
+    dynamic = run_rows(_phased_run("dynamic", "factorized", [(10, "to_dense", None), (25, "to_residual", 8)]))[0]
+    entries = [e for e in dynamic["history"] if e.get("layers")]
+    assert [(a, b, m) for a, b, m in _phases(entries, 40)] == [(0, 10, "factorized"), (10, 25, "dense"), (25, 40, "residual")]
+    assert dynamic["label"] == "low-rank (dynamic)", "the title no longer calls every phase factorized"
+    for name, row in (("warm", warm), ("dynamic", dynamic)):
+        assert plot_ranks([row], tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+    mixed = _group_layers(
+        [{"step": 0, "layers": {"a.c_fc": ["factorized", 4], "b.c_fc": ["factorized", 4], "a.c_proj": ["factorized", 5]}}],
+        ["a.c_fc", "b.c_fc", "a.c_proj"],
+    )
+    assert mixed == [["a.c_fc", "b.c_fc"], ["a.c_proj"]]
+    assert _group_label(mixed[0], ["a.c_fc", "b.c_fc", "a.c_proj"]) == "2 layers: c_fc x2"
+
+
+def test_report_of_a_missing_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no/such/run: no such folder"):
+        write_report(tmp_path / "no" / "such" / "run")
 
 
 def test_speed_warning_only_when_the_ratios_disagree():

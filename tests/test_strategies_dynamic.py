@@ -200,9 +200,8 @@ def test_schedule_errors_when_training_starts():
 
 @pytest.mark.parametrize("mode", ["dense", "residual"])
 def test_a_mode_other_than_factorized_is_refused(mode):
-    config = LowRankConfig(target_modules=["c_fc"], mode=mode, strategy="dynamic")
     with pytest.raises(ValueError, match=rf"LowRankConfig\.mode='{mode}' is not allowed; strategy 'dynamic' starts factorized"):
-        get_lowrank_model(build("gpt2"), config)
+        LowRankConfig(target_modules=["c_fc"], mode=mode, strategy="dynamic")  # refused with the config, before any model
 
 
 def test_a_collapse_check_after_the_end_is_refused_and_a_single_one_warns():

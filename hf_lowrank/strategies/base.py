@@ -305,6 +305,12 @@ class RankStrategy:
     # Factorized layers start with B = 0 beyond the active rank (growth is then exact); a strategy
     # that wants the inactive components random (InRank's authors' layout) sets it False.
     zero_inactive: bool = True
+    # What the strategy does with LowRankConfig's layout settings, checked when a config is built
+    # (check_config): the modes it starts from (None: any) with why, and each setting it ignores
+    # mapped to what it uses instead.
+    modes: ClassVar[tuple[str, ...] | None] = None
+    modes_why: ClassVar[str] = ""
+    ignores: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -315,6 +321,35 @@ class RankStrategy:
         self.config = config
         self.args = config.strategy_settings
         self.context: TrainContext | None = None
+
+    @classmethod
+    def check_config(cls, config: "LowRankConfig") -> None:
+        """Refuse a mode this strategy does not start from; warn about each layout setting it ignores.
+
+        A setting counts as given when it differs from LowRankConfig's default. A config with a
+        rank pattern (a saved model) is not checked: it loads as it was saved.
+        """
+        if config.rank_pattern:
+            return
+        if cls.modes is not None and config.mode not in cls.modes:
+            fail(
+                "LowRankConfig.mode", config.mode,
+                f"strategy {cls.name!r} {cls.modes_why}; use mode={' or '.join(repr(m) for m in cls.modes)}",
+            )
+        ignored = dict(cls.ignores)
+        if config.mode != "residual" and (cls.modes is None or "residual" in cls.modes):
+            where = f"mode={config.mode!r} trains the whole model without a frozen W0 (only mode='residual' uses it)"
+            for name in ("alpha", "residual_base", "modules_to_save"):
+                ignored.setdefault(name, where)
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for name, instead in ignored.items():
+            value = getattr(config, name)
+            if value != defaults[name]:
+                warnings.warn(
+                    f"LowRankConfig.{name}={value!r} is not used by strategy {cls.name!r}: {instead}. "
+                    f"Leave {name} out (it changes nothing here).",
+                    stacklevel=4,
+                )
 
     # layout
 

@@ -168,6 +168,17 @@ class Cuttlefish(RankStrategy):
 
     name = "cuttlefish"
     changes_shapes = True
+    modes = ("dense", "factorized")
+    modes_why = (
+        "starts every layer dense and factorizes (W = B A) the layers that get faster once their stable ranks converge; it has no residual phase (for adapters over frozen pretrained weights use strategy 'inrank' or "
+        "'fixed' with mode='residual')"
+    )
+    ignores = {
+        "rank": "each layer's rank is its stable rank when the ranks converge, scaled as at init (floor: strategy_args.floor_fraction)",
+        "capacity": "the factors are allocated at the rank it chooses",
+        "init": "the factors come from the SVD of the trained dense weight",
+        "init_scale": "the factors come from the SVD of the trained dense weight",
+    }
     Args = CuttlefishArgs
 
     def __init__(self, config):

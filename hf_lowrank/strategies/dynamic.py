@@ -101,6 +101,15 @@ class DynamicRank(RankStrategy):
 
     name = "dynamic"
     changes_shapes = True
+    modes = ("factorized",)
+    modes_why = "starts factorized and moves each layer to dense and then to residual by its own schedule"
+    ignores = {
+        "rank": "the factorized rank is strategy_args.rank",
+        "capacity": "the factors are allocated at strategy_args.rank",
+        "alpha": "the residual phase's scale comes from strategy_args.alpha",
+        "residual_base": "the residual phase freezes the trained weight as W0",
+        "modules_to_save": "the whole model trains in every phase",
+    }
     Args = DynamicArgs
 
     def __init__(self, config):
@@ -123,12 +132,6 @@ class DynamicRank(RankStrategy):
         return resolve_size(value, layer.in_features, layer.out_features, f"strategy_args.{field}", name)
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
-        if self.config.mode != "factorized":
-            fail(
-                "LowRankConfig.mode", self.config.mode,
-                "strategy 'dynamic' starts factorized and moves each layer to dense and then to residual by its own "
-                "schedule; use mode='factorized' (the default)",
-            )
         r = self._rank(self.args.rank, "rank", name, layer)
         if self.args.adapter_rank is not None:
             self._rank(self.args.adapter_rank, "adapter_rank", name, layer)  # fail now, not at the deflate

@@ -116,6 +116,12 @@ class InRank(RankStrategy):
     name = "inrank"
     changes_shapes = True
     Args = InRankArgs
+    modes = ("factorized", "residual")
+    modes_why = "grows factor ranks, so its layers start factorized (W = B A) or residual (W0 + s B A)"
+    ignores = {
+        "rank": "ranks start at strategy_args.initial_rank and grow by its test, up to LowRankConfig.capacity "
+        "(default half of min(in, out)); bound them with capacity",
+    }
 
     def __init__(self, config):
         super().__init__(config)
@@ -144,8 +150,6 @@ class InRank(RankStrategy):
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
         mode = self.config.mode
-        if mode == "dense":
-            raise ValueError("LowRankConfig.mode='dense' does not fit strategy 'inrank'; use 'factorized' or 'residual'.")
         if mode == "residual" and not self.zero_inactive:
             fail(
                 self.args.field_name("inactive_init"), "random",

@@ -39,6 +39,15 @@ class WarmStart(RankStrategy):
 
     name = "warm_start"
     changes_shapes = True
+    modes = ("dense", "factorized")
+    modes_why = (
+        "trains every layer dense for strategy_args.dense_steps, then factorizes it (W = B A) at LowRankConfig.rank; it has no residual phase (for adapters over frozen pretrained weights use strategy 'inrank' or "
+        "'fixed' with mode='residual')"
+    )
+    ignores = {
+        "init": "the factors come from the SVD of the trained dense weight (strategy_args.spectral_ones sets the ones variant)",
+        "init_scale": "the factors come from the SVD of the trained dense weight",
+    }
     Args = WarmStartArgs
 
     def __init__(self, config):
