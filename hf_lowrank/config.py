@@ -21,7 +21,8 @@ MODES = ("dense", "factorized", "residual")
 RESIDUAL_BASES = ("model", "orthogonal")
 INITS = ("auto", "kaiming", "spectral", "spectral-ones", "zero_b")
 REBALANCE_MOMENTS = ("keep", "rotate", "reset")
-REBALANCE_EVERY = 50  # the period of rebalance_every=None (measured on cpu-long: docs/benchmarks.md)
+REBALANCE_EVERY = 10  # the period of rebalance_every=None (measured on cpu-long: docs/benchmarks.md)
+FACTOR_WEIGHT_DECAY = 0.0  # factor_weight_decay=None in the factor groups the library builds
 
 
 SPEC_KEYS = ("mode", "rank", "capacity", "scaling")
@@ -174,33 +175,35 @@ class LowRankConfig:
         default=None,
         metadata={
             "help": "Re-balance every factorized layer's factor pair every this many optimizer steps. None (the "
-            "default): every 50 steps wherever training is driven (LowRankTrainer, LowRankCallback, update_ranks); "
+            "default): every 10 steps wherever training is driven (LowRankTrainer, LowRankCallback, update_ranks); "
             "0: never; an int > 0 requires a driver. "
             "B A is re-split through QR of both factors and the SVD of the (r, r) core into B' = Q_B U S^1/2, "
             "A' = S^1/2 V^T Q_A^T, the same product in float32, both factors with Gram matrix S. Gradient steps "
             "let the factors drift out of that balance (B -> B Q, A -> Q^-1 A changes no product but every "
             "later step); LORO (Mo et al. 2025) re-splits the same way at its exact steps. Runs in update_ranks "
             "(every loop), after the optimizer step of the steps it divides. On the cpu-long benchmark a "
-            "factorization at full rank ended 1.13x dense's perplexity with it (mean of 3 seeds) against 1.52x "
-            "without (docs/benchmarks.md)."
+            "factorization at full rank ended about's perplexity with the defaults (every 10 steps, moments "
+            "rotated, the preconditioner, no factor weight decay; mean of 3 seeds paired) against 1.52x with "
+            "none of them (docs/benchmarks.md)."
         },
     )
     rebalance_moments: str = field(
-        default="keep",
+        default="rotate",
         metadata={
-            "help": "What a re-balance does to the factors' optimizer state: 'keep' (moments stay as they are, in the "
-            "old basis), 'rotate' (Adam's moments carried into the new basis: first moments exactly, second moments "
-            "through the squared map) or 'reset' (dropped: the next step starts them and their bias correction "
-            "afresh, as LORO does)."
+            "help": "What a re-balance does to the factors' optimizer state: 'rotate' (the default: Adam's moments "
+            "carried into the new basis, first moments exactly, second moments through the squared map), 'keep' "
+            "(moments stay as they are, in the old basis) or 'reset' (dropped: the next step starts them and their "
+            "bias correction afresh, as LORO does)."
         },
     )
     factor_weight_decay: Union[float, None] = field(
         default=None,
         metadata={
-            "help": "Plain weight decay of the factors A and B (None: the optimizer's weight_decay, as every other "
-            "matrix). Decay on both factors acts as a nuclear-norm penalty on B A; low-rank pretraining peers "
-            "(LORO, CoLA, SLTrain) use 0-0.01. Needs factor parameter groups (LowRankTrainer, or "
-            "hf_lowrank.optim.param_groups in your own loop)."
+            "help": "Plain weight decay of the factors A and B. None (the default): 0 in the factor groups the "
+            "library builds (LowRankTrainer, hf_lowrank.optim.param_groups), and the optimizer's weight_decay "
+            "where the factors share a group with other matrices (an optimizer you built, e.g. the plain "
+            "transformers.Trainer with LowRankCallback). A number needs factor groups. Decay on both factors acts as "
+            "a nuclear-norm penalty on B A; low-rank pretraining peers (LORO, CoLA, SLTrain) use 0-0.01."
         },
     )
     factor_lr_scale: float = field(

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .config import REBALANCE_MOMENTS
+from .config import FACTOR_WEIGHT_DECAY, REBALANCE_MOMENTS
 from .layer import LowRankLinear
 
 FACTORS = ("A", "B")
@@ -61,14 +61,16 @@ def param_groups(
 
     Four groups at most, in a fixed order: (decay, no decay) x (other, factors). Factor groups
     carry ``lowrank_factors=True`` and ``lr * factor_lr_scale``; the decaying one takes
-    ``factor_weight_decay`` (None: ``weight_decay``). ``factor_lr_scale``, ``frobenius_decay``
-    and ``factor_weight_decay`` default to the model's ``LowRankConfig``.
+    ``factor_weight_decay``. ``factor_lr_scale``, ``frobenius_decay`` and ``factor_weight_decay``
+    default to the model's ``LowRankConfig`` (``factor_weight_decay=None`` there: 0).
     """
     config = getattr(model, "lowrank_config", None)
     scale = factor_lr_scale if factor_lr_scale is not None else getattr(config, "factor_lr_scale", 1.0)
     frob = (frobenius_decay if frobenius_decay is not None else getattr(config, "frobenius_decay", 0.0)) > 0
     if factor_weight_decay is None:
         factor_weight_decay = getattr(config, "factor_weight_decay", None)
+    if factor_weight_decay is None:
+        factor_weight_decay = FACTOR_WEIGHT_DECAY
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, f): [] for d in (True, False) for f in (False, True)}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -79,7 +81,7 @@ def param_groups(
             group = {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if factor else 1.0)}
             if factor:
                 group["lowrank_factors"] = True
-                if decay and factor_weight_decay is not None:
+                if decay:
                     group["weight_decay"] = factor_weight_decay
             groups.append(group)
     return groups
@@ -246,7 +248,7 @@ def _rotate_moments(state: dict[str, Any], left: bool, k: int, t: torch.Tensor) 
         _write_back(target, whole)
 
 
-def rebalance(layers: dict[str, LowRankLinear], optimizer: Any = None, moments: str = "keep") -> list[str]:
+def rebalance(layers: dict[str, LowRankLinear], optimizer: Any = None, moments: str = "rotate") -> list[str]:
     """Re-balance every factorized layer (:func:`rebalance_factors`); returns the names of those re-split.
 
     ``moments`` says what happens to the optimizer's state of ``A`` and ``B``: ``"keep"`` leaves
