@@ -14,6 +14,7 @@ after ``--lr-sweep``, every sweep point with the rate each row is reported at.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -345,12 +346,15 @@ def plot_price(settings: list[str | Path], path: str | Path) -> Path:
 
     rows = paired_rows(settings)
     full = [p for p in rows if p["row"]["name"] == "full"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6.0), sharey=True)
     by_label: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in rows:  # one series per strategy and setting; the rank is the x axis, not part of the series
         if p["row"]["name"] != "full":
-            setting = ", ".join(f"{k}={v}" for k, v in (p["meta"].get("ablation") or {}).items() if k != "rank")
-            by_label.setdefault(p["row"]["label"] + (f" ({setting})" if setting else ""), []).append(p)
+            setting = json.dumps({k: v for k, v in (p["meta"].get("ablation") or {}).items() if k != "rank"}, sort_keys=True)
+            groups.setdefault((p["row"]["name"], setting), []).append(p)
+    for (name, _), points in groups.items():  # labelled by the setting folders, which say what the setting is
+        by_label[f"{name}: {' / '.join(sorted({p['setting'] for p in points}))}"] = points
     for label, points in sorted(by_label.items()):
         points = sorted(points, key=lambda p: placement_ratio(p["row"]))
         weights = [placement_ratio(p["row"]) for p in points]
@@ -368,8 +372,8 @@ def plot_price(settings: list[str | Path], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(3, len(unique)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(2, len(unique)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 * (len(unique) + 1) / 2 + 0.05, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
