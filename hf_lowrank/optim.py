@@ -49,6 +49,12 @@ def decays(name: str, p: nn.Parameter, frobenius: bool) -> bool:
     return p.dim() >= 2 and not (frobenius and is_factor(name))
 
 
+def factor_decay(config: Any) -> float:
+    """The factors' plain weight decay in groups the library builds: ``config.factor_weight_decay``, 0 where None."""
+    value = getattr(config, "factor_weight_decay", None)
+    return FACTOR_WEIGHT_DECAY if value is None else value
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
@@ -68,9 +74,7 @@ def param_groups(
     scale = factor_lr_scale if factor_lr_scale is not None else getattr(config, "factor_lr_scale", 1.0)
     frob = (frobenius_decay if frobenius_decay is not None else getattr(config, "frobenius_decay", 0.0)) > 0
     if factor_weight_decay is None:
-        factor_weight_decay = getattr(config, "factor_weight_decay", None)
-    if factor_weight_decay is None:
-        factor_weight_decay = FACTOR_WEIGHT_DECAY
+        factor_weight_decay = factor_decay(config)
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {(d, f): [] for d in (True, False) for f in (False, True)}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -213,14 +217,15 @@ def rebalance_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor]
     q_b, r_b = torch.linalg.qr(B)  # (out, k), (k, k)
     q_a, r_a = torch.linalg.qr(A.T)  # (in, k), (k, k)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
-    if not bool(torch.isfinite(s).all()) or s[-1] <= REBALANCE_TOLERANCE * s[0]:
-        return None
-    root = s.sqrt()
+    root = s.clamp_min(0).sqrt()
     new_b, new_a = q_b @ (u * root), (root[:, None] * vh) @ q_a.T
     # B' = Q_B U S^1/2 = B R_B^-1 U S^1/2 and A' = S^-1/2 U^T R_B A: R_B is invertible when S is not singular
     m = torch.linalg.solve_triangular(r_b, u * root, upper=True)
     n = (u / root).T @ r_b
-    if not all(bool(torch.isfinite(t).all()) for t in (new_b, new_a, m, n)):
+    usable = s[-1] > REBALANCE_TOLERANCE * s[0]
+    for t in (s, new_b, new_a, m, n):
+        usable = usable & torch.isfinite(t).all()
+    if not bool(usable):  # one host sync per layer
         return None
     B_whole[:, :k].copy_(new_b.to(B_whole.dtype))
     A_whole[:k].copy_(new_a.to(A_whole.dtype))

@@ -240,8 +240,7 @@ class LowRankTrainer(Trainer):
             layers = self.model.lowrank_layers().values()
             factors = {id(p) for layer in layers for p in (layer.A, layer.B) if p is not None}
             c = self.model.lowrank_config
-            decay = optim.FACTOR_WEIGHT_DECAY if c.factor_weight_decay is None else c.factor_weight_decay
-            optim.split_factor_groups(optimizer, factors, c.factor_lr_scale, decay)
+            optim.split_factor_groups(optimizer, factors, c.factor_lr_scale, optim.factor_decay(c))
             optim.inner_optimizer(optimizer).register_step_pre_hook(self._skip_nonfinite)
             self._built_optimizer = optim.inner_optimizer(optimizer)
         return optimizer
