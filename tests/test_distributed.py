@@ -6,33 +6,19 @@ must rebuild the optimizer groups and re-wrap the model in DDP on every process.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+import launch as launcher
+
 SCRIPT = Path(__file__).with_name("ddp_train.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out: Path, nproc: int, batch: int, resume: str | None = None, compile_: bool = False) -> list[dict]:
     """Run ddp_train.py on ``nproc`` processes; returns each process's record."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(SCRIPT), str(out), str(batch), *([resume] if resume else []),
-        *(["--compile"] if compile_ else []),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = [str(SCRIPT), str(out), str(batch), *([resume] if resume else []), *(["--compile"] if compile_ else [])]
+    launcher.run(launcher.torchrun(nproc), args)
     return [json.loads((out / f"process-{r}.json").read_text()) for r in range(nproc)]
 
 

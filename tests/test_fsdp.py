@@ -10,9 +10,6 @@ one-process gloo group) to check the mechanism piece by piece.
 
 import json
 import os
-import socket
-import subprocess
-import warnings
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from hf_lowrank import fsdp as lowrank_fsdp
 from hf_lowrank.strategies import LayerChange, Plan
 
 sys.path.insert(0, os.path.dirname(__file__))
+import launch as launcher  # noqa: E402
 from fsdp_train import SCENARIOS, STEPS, tiny_gpt2  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("fsdp_train.py")
@@ -35,30 +33,8 @@ MLP = {"target_modules": ["c_fc", "c_proj"], "exclude_modules": r".*attn.*"}
 REL_DDP = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Once in about 40 launches on the 2-core machine a worker aborted inside the C++ runtime
-# ("terminate called without an active exception", SIGABRT) with no Python error; 24 reruns of
-# the same scenario passed. Such a launch is retried once; any other failure fails the test.
-RUNTIME_ABORT = "terminate called without an active exception"
-
-
 def launch(out: Path, scenario: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    for attempt in range(2):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), str(SCRIPT), str(out), scenario,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-        if proc.returncode == 0 or RUNTIME_ABORT not in proc.stderr or attempt == 1:
-            break
-        warnings.warn(f"torchrun worker aborted in the C++ runtime; launching {scenario!r} once more")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launcher.run(launcher.torchrun(2), [str(SCRIPT), str(out), scenario])
     return [json.loads((out / f"process-{r}.json").read_text()) for r in range(2)]
 
 

@@ -491,17 +491,16 @@ def test_a_callback_added_after_the_trainer_was_built_refuses_checkpoints_it_can
 
 # -- docs/trainer.md's loops, as written, in one process and two ---------------------------------
 
-def run_docs_loop(which: str, out, launcher: list[str] | None = None, **env_vars: str) -> list[dict]:
+def run_docs_loop(which: str, out, launcher=None, **env_vars: str) -> list[dict]:
+    """Run docs_loops.py in one plain process, or under ``launcher`` (launch.torchrun / launch.accelerate_launch)."""
     import json
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
+    import launch
+
     script = Path(__file__).with_name("docs_loops.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), **env_vars}
-    proc = subprocess.run([*(launcher or [sys.executable]), str(script), which, str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch.run(launcher or (lambda port: [sys.executable]), [str(script), which, str(out)], **env_vars)
     return [json.loads(p.read_text()) for p in sorted(Path(out).glob("process-*.json"))]
 
 
@@ -526,26 +525,18 @@ def test_docs_loops_run_as_written_in_one_process(which, tmp_path):
 
 @pytest.mark.slow
 def test_docs_pytorch_loop_runs_as_written_under_torchrun(tmp_path):
-    import sys
+    import launch
 
-    from test_distributed import free_port
-
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port())]
-    check_docs_run(run_docs_loop("pytorch", tmp_path, launcher), 2, "DistributedDataParallel")
+    check_docs_run(run_docs_loop("pytorch", tmp_path, launch.torchrun(2)), 2, "DistributedDataParallel")
 
 
 @pytest.mark.slow
 def test_docs_accelerate_loop_runs_as_written_under_accelerate_launch(tmp_path):
-    import sys
-    from pathlib import Path
+    import launch
 
-    from test_distributed import free_port
-
-    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(free_port())]
+    config = launch.ROOT / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"
     # accelerate's multi-GPU launcher does not pass the config's use_cpu on; a plain Accelerator() reads it from here
-    runs = run_docs_loop("accelerate", tmp_path, launcher, ACCELERATE_USE_CPU="true")
+    runs = run_docs_loop("accelerate", tmp_path, launch.accelerate_launch(config), ACCELERATE_USE_CPU="true")
     check_docs_run(runs, 2, "DistributedDataParallel")
 
 
