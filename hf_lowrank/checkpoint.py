@@ -26,7 +26,27 @@ TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 MANIFEST_NAME = "lowrank_checksums.json"
+# The low-rank state of a checkpoint (strategy, learning-rate adjustments, plan history, layout,
+# global_step, nonfinite_steps), one file and format for LowRankTrainer and hf_lowrank.fsdp.
 LOWRANK_STATE_NAME = "lowrank_trainer_state.json"
+LEGACY_STATE_NAMES = ("lowrank_state.json",)  # what hf_lowrank.fsdp.save_checkpoint wrote before the two were one: still read
+
+
+def lowrank_state(model: Any, global_step: int | None = None, nonfinite_steps: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """What :data:`LOWRANK_STATE_NAME` holds: ``model.lowrank_state_dict()``, the skipped steps and, when known, the step."""
+    state = {**model.lowrank_state_dict(), "nonfinite_steps": list(nonfinite_steps)}
+    if global_step is not None:
+        state["global_step"] = global_step
+    return state
+
+
+def state_file(folder: str | os.PathLike) -> Path:
+    """The checkpoint's low-rank state file: :data:`LOWRANK_STATE_NAME`, or an older name where only that exists."""
+    folder = Path(folder)
+    for name in (LOWRANK_STATE_NAME, *LEGACY_STATE_NAMES):
+        if (folder / name).is_file():
+            return folder / name
+    return folder / LOWRANK_STATE_NAME
 
 
 def _sha256(path: Path) -> str:
@@ -58,7 +78,7 @@ def verify_manifest(folder: str | os.PathLike) -> None:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         try:
-            state = read_json(folder / LOWRANK_STATE_NAME)
+            state = read_json(state_file(folder))
         except (FileNotFoundError, ValueError):
             return  # named when the state is loaded
         if isinstance(state, dict) and "global_step" in state:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -198,9 +199,15 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-# A file inside every folder hf_lowrank creates as a temporary (an atomic_directory's new contents, the
-# old contents moved aside, a checkpoint's staging folder): cleaning up removes only folders that hold it.
+# A file inside every folder hf_lowrank creates as a temporary (the container atomic_directory writes
+# new contents in, with the old contents moved aside into it): cleaning up removes only folders that hold it.
 TEMP_MARKER = ".hf_lowrank_temporary"
+STAGING_PREFIX = ".staging-"  # the container of a shared atomic_directory: ".staging-<name>"
+ASIDE_NAME = ".hf_lowrank_replaced"  # inside a container: the old contents of <name>, moved aside for the one rename
+# Every temporary this module names: ".staging-<name>" (shared), ".<name>.<8 characters>" (mkdtemp),
+# and ".<name>.old<pid>" (an earlier version's moved-aside folder, still recognised when cleaning up).
+_LEFTOVER = re.compile(r"^\.(staging-.+|.+\.(old\d+|[a-z0-9_]{8}))$")
+_MOVED_ASIDE = re.compile(r"^\.(.+)\.old\d+$")
 
 
 def is_marked(folder: Path) -> bool:
@@ -222,59 +229,93 @@ def remove_marked(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
+def staging_folder(path: str | os.PathLike) -> Path:
+    """Where a shared :func:`atomic_directory` of ``path`` writes: ``.staging-<name>/<name>`` beside it."""
+    path = Path(path)
+    return path.parent / f"{STAGING_PREFIX}{path.name}" / path.name
 
-    A crash inside the block leaves ``path`` as it was (and no partial folder under its name).
-    The temporary (and the old contents while they are moved aside) hold :data:`TEMP_MARKER`,
-    which is how a later cleanup knows them for its own.
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, shared: bool = False, owner: bool = True) -> Iterator[Path]:
+    """Yield a folder to write ``path``'s new contents into; on success it replaces ``path`` in one rename.
+
+    The yielded folder is ``<container>/<name>``, the container a marked (:data:`TEMP_MARKER`)
+    hidden sibling of ``path``: a fresh ``.<name>.<8 characters>``, or with ``shared=True``
+    the fixed ``.staging-<name>`` (:func:`staging_folder`), which every process of a run can
+    compute to write its own files into. Only the ``owner`` creates, commits and cleans up;
+    others get the path alone. On success the marker records the contents as complete, the old
+    ``path`` is moved into the container and the new one renamed onto ``path``. A crash before
+    that leaves ``path`` as it was; a kill between the two renames leaves the complete new
+    contents in the marked container, which :func:`remove_leftovers` puts in place. Nesting
+    works: the container, not the folder written, holds the marker.
     """
     path = Path(path)
+    if path.name in (TEMP_MARKER, ASIDE_NAME):
+        fail("folder name", path.name, f"{TEMP_MARKER} and {ASIDE_NAME} are hf_lowrank's own temporary names; choose another")
+    if not owner:
+        yield staging_folder(path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the saved folder follows the umask like any mkdir
-    (tmp / TEMP_MARKER).write_text(f"new contents of {path.name}, pid {os.getpid()}\n")
+    if shared:
+        container = staging_folder(path).parent
+        remove_marked(container)  # an earlier attempt's (this run holds the folder's lock)
+        container.mkdir()
+    else:
+        container = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    (container / TEMP_MARKER).write_text(f"new contents of {path.name}, pid {os.getpid()}\n")
+    new = container / path.name
+    new.mkdir()  # follows the umask like any mkdir (mkdtemp's container is 0700)
+    complete = False
     try:
-        yield tmp
-        (tmp / TEMP_MARKER).unlink()
-        if path.exists():
-            old = path.with_name(f".{path.name}.old{os.getpid()}")
-            marker = path / TEMP_MARKER if path.is_dir() and not path.is_symlink() else None
-            if marker is not None:
-                marker.write_text(f"old contents of {path.name}, pid {os.getpid()}\n")
-            try:
-                os.replace(path, old)
-            except BaseException:
-                if marker is not None:
-                    marker.unlink(missing_ok=True)
-                raise
-            os.replace(tmp, path)
-            if is_marked(old):
-                remove_marked(old)
-            elif old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, path)
+        yield new
+        write_json(container / TEMP_MARKER, {"complete": path.name})  # from here on it is kept, never deleted
+        complete = True
+        if path.exists() or path.is_symlink():
+            os.replace(path, container / ASIDE_NAME)
+        os.replace(new, path)
+        complete = False  # in place: the container holds only the old contents now
     finally:
-        if tmp.exists():
-            (tmp / TEMP_MARKER).touch()
-            remove_marked(tmp)
+        if not complete:
+            remove_marked(container)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux reports it (os.umask would, briefly, for every thread)."""
+def _complete_contents(container: Path) -> str | None:
+    """The name a container holds complete new contents for (its marker says so, and they are there), else None."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        record = read_json(container / TEMP_MARKER)
+    except (FileNotFoundError, ValueError):
+        return None
+    name = record.get("complete") if isinstance(record, dict) else None
+    if isinstance(name, str) and "/" not in name and name not in (".", "..") and (container / name).is_dir():
+        return name
+    return None
+
+
+def remove_leftovers(folder: str | os.PathLike) -> None:
+    """Clean what a killed :func:`atomic_directory` left in ``folder``; only folders marked as hf_lowrank's are touched.
+
+    A container is removed, except one whose contents were complete when the kill came
+    (between moving the old ``<name>`` aside and renaming the new one in): those are put in
+    place first. ``.<name>.old<pid>`` (an earlier version's moved-aside folder) without a
+    ``<name>`` beside it is the only copy left, so it is renamed back to ``<name>``. A hidden
+    folder without the marker inside (``.cache.datasets``, ``.git.previous``) is never touched,
+    whatever its name.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        if not (_LEFTOVER.match(entry.name) and is_marked(entry)):
+            continue
+        aside = _MOVED_ASIDE.match(entry.name)
+        complete = _complete_contents(entry)
+        if complete and not (folder / complete).exists():
+            os.replace(entry / complete, folder / complete)
+        if aside and not (folder / aside.group(1)).exists():
+            os.replace(entry, folder / aside.group(1))
+            (folder / aside.group(1) / TEMP_MARKER).unlink(missing_ok=True)
+        else:
+            remove_marked(entry)
 
 
 LOCK_NAME = ".hf_lowrank.lock"

@@ -29,8 +29,8 @@ Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` write and read th
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -41,14 +41,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint as ckpt
 from . import optim
 from .config import CONFIG_NAME, LowRankConfig
-from .files import read_json, read_safetensors, write_json, write_safetensors
+from .files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 from .layer import LayerSpec, LowRankLinear
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 OPTIMIZER_GROUPS_NAME = "optimizer_groups.json"
-STATE_NAME = "lowrank_state.json"
 SCHEDULER_NAME = "scheduler.json"
 RNG_NAME = "rng_state.safetensors"
 
@@ -297,22 +297,25 @@ def _rng_states() -> dict[str, torch.Tensor]:
     return states
 
 
-def save_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike, lr_scheduler: Any = None) -> None:
+def save_checkpoint(
+    model: nn.Module, optimizer: Any, folder: str | os.PathLike, lr_scheduler: Any = None, step: int | None = None
+) -> None:
     """Write a resumable checkpoint of a ``LowRankModel`` (sharded or not), its optimizer and schedule.
 
     Process 0 writes ``LowRankModel.save_pretrained(trim=False)``'s files (config, rank
     pattern, untrimmed factors), the optimizer state as full tensors (``optimizer.safetensors``,
     ``optimizer_groups.json``), the scheduler's state (``scheduler.json``), every process's
-    random state (``rng_state.safetensors``: transitions draw new factors from it) and the
-    strategy's state (``lowrank_state.json``) into a staging folder renamed onto ``folder``
-    when complete. A collective every process enters.
+    random state (``rng_state.safetensors``: transitions draw new factors from it), the
+    strategy's state in the format ``LowRankTrainer`` writes (``lowrank_trainer_state.json``,
+    with ``step``, the last optimizer step, as ``global_step`` when given) and the files'
+    checksums (``lowrank_checksums.json``), through :func:`hf_lowrank.files.atomic_directory`:
+    ``folder`` is replaced only once complete. A collective every process enters.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
     )
 
-    folder = Path(folder)
     main = _rank() == 0
     osd = get_optimizer_state_dict(
         model, optim.inner_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -321,23 +324,20 @@ def save_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike,
     if dist.is_available() and dist.is_initialized():
         rng = [None] * dist.get_world_size()
         dist.all_gather_object(rng, _rng_states())
-    staging = folder.with_name(f".staging-{folder.name}")
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        tensors = {f"{name}/{key}": t for name, state in osd["state"].items() for key, t in state.items()}
-        write_safetensors(staging / OPTIMIZER_NAME, tensors)
-        write_json(staging / OPTIMIZER_GROUPS_NAME, osd["param_groups"])
-        write_safetensors(staging / RNG_NAME, {f"{kind}/{r}": t for r, states in enumerate(rng) for kind, t in states.items()})
-        if lr_scheduler is not None:
-            write_json(staging / SCHEDULER_NAME, optim.inner_scheduler(lr_scheduler).state_dict())
-        write_json(staging / STATE_NAME, model.lowrank_state_dict())
-    with gathered_model(model):
+    with atomic_directory(folder) if main else contextlib.nullcontext() as staging:
         if main:
-            model.save_pretrained(staging, trim=False)  # keeps the files already in the folder
-    if main:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+            tensors = {f"{name}/{key}": t for name, state in osd["state"].items() for key, t in state.items()}
+            write_safetensors(staging / OPTIMIZER_NAME, tensors)
+            write_json(staging / OPTIMIZER_GROUPS_NAME, osd["param_groups"])
+            write_safetensors(staging / RNG_NAME, {f"{kind}/{r}": t for r, states in enumerate(rng) for kind, t in states.items()})
+            if lr_scheduler is not None:
+                write_json(staging / SCHEDULER_NAME, optim.inner_scheduler(lr_scheduler).state_dict())
+            write_json(staging / ckpt.LOWRANK_STATE_NAME, ckpt.lowrank_state(model, step))
+        with gathered_model(model):
+            if main:
+                model.save_pretrained(staging, trim=False)  # keeps the files already in the folder
+        if main:
+            ckpt.write_manifest(staging)
     _barrier()
 
 
@@ -379,8 +379,10 @@ def load_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike,
     )
 
     folder = Path(folder)
+    ckpt.verify_manifest(folder)
+    state_file = ckpt.state_file(folder)
     load_model(model, folder, optimizer)
-    model.load_lowrank_state_dict(read_json(folder / STATE_NAME), source=str(folder / STATE_NAME))
+    model.load_lowrank_state_dict(read_json(state_file), source=str(state_file))
     if optimizer is not None:
         state: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in read_safetensors(folder / OPTIMIZER_NAME).items():

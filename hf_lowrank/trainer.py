@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,10 @@ from . import checkpoint as ckpt
 from . import distributed, fsdp, optim
 from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
-from .files import TEMP_MARKER, is_marked, read_json, remove_marked, run_lock, write_json
+from .files import atomic_directory, read_json, remove_leftovers, run_lock, write_json
 from .model import WEIGHTS_NAME, LowRankModel
 
-TRAINER_STATE_NAME = "trainer_state.json"
-
-STATE_NAME = "lowrank_trainer_state.json"
+STATE_NAME = ckpt.LOWRANK_STATE_NAME  # the one low-rank state file of a checkpoint (hf_lowrank.checkpoint)
 RANK_LOG_PREFIX = "lowrank/rank/"  # per-layer ranks: loggers and plots get them, the console does not
 
 
@@ -277,7 +274,7 @@ class LowRankTrainer(Trainer):
         main = self.is_world_process_zero()
         with run_lock(self.args.output_dir) if main else contextlib.nullcontext():
             if main:
-                remove_stale_staging(self.args.output_dir)  # before the Trainer looks for the last checkpoint
+                remove_leftovers(self.args.output_dir)  # before the Trainer looks for the last checkpoint
             self.accelerator.wait_for_everyone()
             if resume_from_checkpoint is True:
                 resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: the Trainer's error
@@ -374,7 +371,7 @@ class LowRankTrainer(Trainer):
 
     def lowrank_state(self) -> dict[str, Any]:
         """Everything besides tensors that resuming needs (see ``LowRankModel.lowrank_state_dict``)."""
-        return {**self.model.lowrank_state_dict(), "nonfinite_steps": self.nonfinite_steps, "global_step": self.state.global_step}
+        return ckpt.lowrank_state(self.model, self.state.global_step, self.nonfinite_steps)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save; under FSDP2 every process gathers the full model and process 0 writes it.
@@ -408,40 +405,35 @@ class LowRankTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """Write the checkpoint into ``.staging-checkpoint-N`` and rename it into place once complete."""
+        """Write the checkpoint into ``.staging-checkpoint-N/checkpoint-N`` and rename it into place once complete.
+
+        :func:`hf_lowrank.files.atomic_directory` (shared: every process writes its random state
+        into the same staging folder) does the staging and the renames; a failed save leaves
+        the previous checkpoints and removes its staging folder.
+        """
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, f".staging-{name}")
-        if self.args.should_save:
-            os.makedirs(staging, exist_ok=True)
-            Path(staging, TEMP_MARKER).write_text(STAGING_WRITING)  # ours: a cleanup may remove it
-        self._staging_dir = staging
-        self._saving_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException as e:
+        with atomic_directory(Path(run_dir, name), shared=True, owner=self.args.should_save) as staged:
+            self._staging_dir = str(staged.parent)  # the Trainer writes <output dir>/checkpoint-N
+            self._saving_checkpoint = True
+            try:
+                super()._save_checkpoint(model, trial)
+            except OSError as e:
+                if str(staged.parent) not in str(e):  # torch.save's errors name no file
+                    raise OSError(e.errno, f"writing {name} into {staged.parent} failed ({e}); the previous checkpoints are "
+                                  "kept, and the staging folder was removed. Free space or fix the folder, then resume.") from e
+                raise
+            finally:
+                self._staging_dir, self._saving_checkpoint = None, False
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                remove_marked(Path(staging))  # a failed save (disk full) leaves nothing behind
-            if isinstance(e, OSError) and not str(staging) in str(e):  # torch.save's errors name no file
-                raise OSError(e.errno, f"writing {name} into {staging} failed ({e}); the previous checkpoints are kept, "
-                              "and the staging folder was removed. Free space or fix the folder, then resume.") from e
-            raise
-        finally:
-            self._staging_dir, self._saving_checkpoint = None, False
-        self.accelerator.wait_for_everyone()
+                best = self.state.best_model_checkpoint
+                if best and best.startswith(str(staged.parent)):
+                    # The Trainer recorded the staging path; point it (and the saved state) at the final folder.
+                    self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                    self.state.save_to_json(os.path.join(staged, ckpt.TRAINER_STATE_NAME))
+                ckpt.write_manifest(staged)  # every file's checksum, verified when resuming
         if self.args.should_save:
-            staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging):
-                # The Trainer recorded the staging path; point it (and the saved state) at the final folder.
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            ckpt.write_manifest(staged)  # every file's checksum, verified when resuming
-            write_json(Path(staging, TEMP_MARKER), {"complete": name})  # from here on it is kept, never deleted
-            if os.path.isdir(final):  # moved aside in one rename, never left half-deleted under its name
-                os.replace(final, os.path.join(staging, "replaced"))
-            os.replace(staged, final)
-            remove_marked(Path(staging))
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -457,7 +449,7 @@ class LowRankTrainer(Trainer):
         with a reset strategy would silently train another run.
         """
         folder = Path(resume_from_checkpoint)
-        state_file = folder / STATE_NAME
+        state_file = ckpt.state_file(folder)
         if not state_file.is_file():
             raise FileNotFoundError(
                 f"{state_file}: missing, so the strategy's state (ranks found so far, schedule) cannot be restored; "
@@ -482,53 +474,10 @@ class LowRankTrainer(Trainer):
     def _check_resumable(self, folder: Path) -> None:
         """Refuse a checkpoint that would not continue the same run (see :mod:`hf_lowrank.checkpoint`)."""
         step = ckpt.saved_global_step(folder)
-        ckpt.check_step(folder, step, read_json(folder / STATE_NAME), str(folder / STATE_NAME))
+        state_file = ckpt.state_file(folder)
+        ckpt.check_step(folder, step, read_json(state_file), str(state_file))
         names = {id(p): n for n, p in self.model.named_parameters()}
         ckpt.check_optimizer_state(folder / ckpt.OPTIMIZER_NAME, optim.inner_optimizer(self.optimizer), names, step)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-
-_ATOMIC_LEFTOVER = re.compile(r"^\.(staging-.+|.+\.(old\d+|[a-z0-9_]{8}))$")
-_MOVED_ASIDE = re.compile(r"^\.(.+)\.old\d+$")
-STAGING_WRITING = "checkpoint being written\n"
-
-
-def _complete_staging(entry: Path) -> str | None:
-    """The checkpoint name a staging folder holds complete (its marker says so, and the folder is there), else None."""
-    try:
-        record = read_json(entry / TEMP_MARKER)
-    except (FileNotFoundError, ValueError):
-        return None
-    name = record.get("complete") if isinstance(record, dict) else None
-    if isinstance(name, str) and re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name) and (entry / name).is_dir():
-        return name
-    return None
-
-
-def remove_stale_staging(output_dir: str | os.PathLike) -> None:
-    """Clean what a killed save left in ``output_dir``; only folders hf_lowrank marked as its own are touched.
-
-    ``.staging-checkpoint-N`` and ``.<name>.<tmp>`` temporaries are removed, except a staging folder
-    whose checkpoint was complete when the kill came (between moving the old ``checkpoint-N`` aside
-    and renaming the new one in): that checkpoint is put in place. ``.<name>.old<pid>`` without a
-    ``<name>`` beside it is the only copy left (a kill between ``atomic_directory``'s two renames),
-    so it is renamed back to ``<name>``. A hidden folder without hf_lowrank's marker inside
-    (``.cache.datasets``, ``.git.previous``) is never touched, whatever its name.
-    """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return
-    for entry in sorted(folder.iterdir()):
-        if not (_ATOMIC_LEFTOVER.match(entry.name) and is_marked(entry)):
-            continue
-        aside = _MOVED_ASIDE.match(entry.name)
-        complete = _complete_staging(entry) if entry.name.startswith(".staging-") else None
-        if complete and not (folder / complete).exists():
-            os.replace(entry / complete, folder / complete)
-        if aside and not (folder / aside.group(1)).exists():
-            os.replace(entry, folder / aside.group(1))
-            (folder / aside.group(1) / TEMP_MARKER).unlink(missing_ok=True)
-        else:
-            remove_marked(entry)

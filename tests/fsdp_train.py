@@ -120,7 +120,7 @@ def train(model, opt, sched, data, start: int, rank: int, world: int, mode: str,
         dist.all_reduce(value)
         losses[step] = value.item() / world
         if step == save_at:
-            lowrank_fsdp.save_checkpoint(model, opt, out, sched)
+            lowrank_fsdp.save_checkpoint(model, opt, out, sched, step=step)
     return losses, plans
 
 

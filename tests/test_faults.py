@@ -32,7 +32,8 @@ from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
 from hf_lowrank.files import LOCK_NAME, TEMP_MARKER, read_json, read_safetensors, run_lock, write_json
 from hf_lowrank.strategies import LayerChange, Plan
 from hf_lowrank.checkpoint import MANIFEST_NAME, write_manifest
-from hf_lowrank.trainer import STATE_NAME, LowRankTrainer, remove_stale_staging
+from hf_lowrank.files import remove_leftovers as remove_stale_staging
+from hf_lowrank.trainer import STATE_NAME, LowRankTrainer
 
 MLP = "transformer.h.0.mlp.c_fc"
 SHORT = {"strategy_args": {"warmup_steps": 1, "interval": 1, "stage2_at": None}}  # InRank for runs of a few steps
@@ -678,3 +679,27 @@ def test_saved_folders_follow_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+
+
+def test_atomic_directory_nests_and_refuses_its_own_names(tmp_path):
+    """A save inside a save (fsdp.save_checkpoint calls save_pretrained into its staging folder) keeps the outer
+    container marked and leaves nothing hidden behind; an atomic write that fails leaves the old contents."""
+    from hf_lowrank.files import ASIDE_NAME, TEMP_MARKER, atomic_directory, is_marked
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with atomic_directory(tmp_path / "out") as outer:
+        (outer / "a.txt").write_text("a")
+        with atomic_directory(outer) as inner:
+            (inner / "b.txt").write_text("b")
+        assert is_marked(outer.parent), "the outer container is still hf_lowrank's after the inner rename"
+        assert (outer / "b.txt").is_file() and not (outer / "a.txt").exists(), "the inner save replaced the folder whole"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.txt", "out"]
+    with pytest.raises(RuntimeError, match="boom"), atomic_directory(tmp_path / "out") as new:
+        (new / "c.txt").write_text("c")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.txt", "out"]
+    for name in (TEMP_MARKER, ASIDE_NAME):
+        with pytest.raises(ValueError, match="hf_lowrank's own temporary names; choose another"):
+            with atomic_directory(tmp_path / name):
+                pass

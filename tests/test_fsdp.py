@@ -181,7 +181,13 @@ def test_truncate_rebuilds_only_its_unit(group):
     train_step(model, opt)
 
 
-def test_checkpoint_round_trip_after_a_transition(group, tmp_path):
+@pytest.mark.parametrize("written_by", ["this version", "an earlier version"])
+def test_checkpoint_round_trip_after_a_transition(group, tmp_path, written_by):
+    """save_checkpoint writes LowRankTrainer's state file and checksums through the one atomic-folder helper
+    (over an existing folder too); a checkpoint of an earlier version (``lowrank_state.json``, no checksums) loads."""
+    from hf_lowrank import checkpoint as ckpt
+    from hf_lowrank.files import read_json, write_json
+
     model = sharded_model({"rank": 4, "capacity": 8})
     opt = torch.optim.AdamW(optim.param_groups(model, lr=1e-3))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 10)
@@ -193,8 +199,20 @@ def test_checkpoint_round_trip_after_a_transition(group, tmp_path):
         model.apply_plan(Plan([LayerChange(name, "to_dense")]), optimizer=opt)
     train_step(model, opt)
     sched.step()
-    lowrank_fsdp.save_checkpoint(model, opt, tmp_path / "ckpt", sched)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "stale.txt").write_text("replaced whole")
+    lowrank_fsdp.save_checkpoint(model, opt, tmp_path / "ckpt", sched, step=2)
     expected = [train_step(model, opt) for _ in range(2)]
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {ckpt.LOWRANK_STATE_NAME, ckpt.MANIFEST_NAME, "optimizer.safetensors", "model.safetensors"} <= files
+    assert "stale.txt" not in files and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    state = read_json(tmp_path / "ckpt" / ckpt.LOWRANK_STATE_NAME)
+    assert state["global_step"] == 2 and state["nonfinite_steps"] == []
+    if written_by == "an earlier version":
+        del state["global_step"], state["nonfinite_steps"]
+        write_json(tmp_path / "ckpt" / "lowrank_state.json", state)
+        (tmp_path / "ckpt" / ckpt.LOWRANK_STATE_NAME).unlink()
+        (tmp_path / "ckpt" / ckpt.MANIFEST_NAME).unlink()
 
     fresh = sharded_model({"rank": 4, "capacity": 8})
     fresh_opt = torch.optim.AdamW(optim.param_groups(fresh, lr=1e-3))
