@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from hf_lowrank.checks import check_choice, check_int, fail
+from hf_lowrank.options import set_path, yaml_value
 
 # The low-rank layers of each placement (benchmark setting ``targets``), per architecture. Every
 # row of a benchmark wraps the same layers, the full-rank row too (dense, through the same wrapper).
@@ -317,14 +318,7 @@ def apply_ablation(lowrank: dict[str, Any], ablation: dict[str, Any]) -> dict[st
     """``lowrank`` with each ``ablation`` setting on top; ``"a.b"`` sets key ``b`` of the dict setting ``a``."""
     out = dict(lowrank)
     for key, value in ablation.items():
-        head, dot, tail = key.partition(".")
-        if not dot:
-            out[key] = value
-            continue
-        inner = out.get(head, {})
-        if not isinstance(inner, dict) or not tail or "." in tail:
-            fail("--lowrank " + key, value, f"a dotted key sets one entry of a dict setting such as strategy_args.threshold; {head!r} is {inner!r}")
-        out[head] = {**inner, tail: value}
+        set_path(out, key.split("."), value, f"--lowrank {key}")
     return out
 
 
@@ -337,7 +331,7 @@ def _fill(value: Any, rank: float) -> Any:
 
 
 def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
-    """``key=value`` strings (values read as JSON when they parse, else as strings)."""
+    """``key=value`` strings, each value read as the YAML value it spells, as the CLI reads its options."""
     example = {"--set": "--set max_steps=50", "--lowrank": "--lowrank init_scale=0.5"}.get(flag, f"{flag} key=value")
     out = {}
     for item in items:
@@ -345,9 +339,9 @@ def parse_settings(items: list[str], flag: str = "--set") -> dict[str, Any]:
         if not eq or not key:
             fail(flag, item, f"give key=value, e.g. {example}")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            out[key] = yaml_value(value)
+        except ValueError as e:
+            fail(f"{flag} {key}", value, str(e))
     return out
 
 

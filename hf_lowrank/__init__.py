@@ -1,6 +1,6 @@
 """hf_lowrank: low-rank training of transformers models with ranks chosen during training."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 (re-exported)
 
 from .config import LowRankConfig  # noqa: E402
 from .layer import LayerSpec, LowRankLinear  # noqa: E402

@@ -88,3 +88,28 @@ def resolve_size(value: int | float, in_features: int, out_features: int, name: 
             f"use a rank <= {full}, a fraction such as 0.25, or exclude the layer with exclude_modules."
         )
     return value
+
+
+def resolve_rank_and_capacity(
+    rank: int | float, capacity: int | float | None, in_features: int, out_features: int, layer: str = ""
+) -> tuple[int, int]:
+    """``LowRankConfig.rank`` and ``capacity`` (None: the rank) as absolute sizes for one layer."""
+    r = resolve_size(rank, in_features, out_features, "rank", layer)
+    c = r if capacity is None else resolve_size(capacity, in_features, out_features, "capacity", layer)
+    if c < r:
+        raise ValueError(f"LowRankConfig.capacity resolves to {c} < rank {r} for layer {layer!r}; raise capacity.")
+    return r, c
+
+
+def check_layer_sizes(rank: Any, capacity: Any, out_features: int, in_features: int, where: str = "", fix: str = "") -> None:
+    """The one size rule of a factorized layer: ``1 <= rank <= capacity <= min(in, out)``.
+
+    ``where`` prefixes the message (a file and entry), ``fix`` ends it.
+    """
+    full = min(in_features, out_features)
+    if not (is_int(rank) and is_int(capacity) and 1 <= rank <= capacity <= full):
+        prefix = f"{where} has " if where else ""
+        raise ValueError(
+            f"{prefix}rank={rank!r}, capacity={capacity!r}, not allowed for this {out_features}x{in_features} layer: "
+            f"need 1 <= rank <= capacity <= {full}.{' ' + fix if fix else ''}"
+        )

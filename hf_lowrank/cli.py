@@ -25,7 +25,6 @@ from .checks import check_bool
 from .options import RecipeError, has_type, text_parser, type_name, yaml_value
 
 STRATEGY_ARGS_PREFIX = "--lowrank.strategy_args."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 @dataclass
@@ -132,7 +131,7 @@ def report(opts: ReportOptions) -> str:
 
 def merge(opts: MergeOptions) -> Path:
     """Merge a saved low-rank model into a plain transformers model at ``opts.out`` (with its tokenizer)."""
-    from .files import atomic_directory
+    from .files import TOKENIZER_FILES, atomic_directory
     from .model import LowRankModel
 
     source, out = _model_dir(opts.run_dir), Path(opts.out)
@@ -159,11 +158,13 @@ def inspect(opts: InspectOptions) -> str:
 
 def _model_dir(path: str) -> Path:
     """A saved LowRankModel folder, or the ``final`` model inside a run directory."""
+    from .config import CONFIG_NAME
+
     path = Path(path)
     for candidate in (path, path / "final"):
-        if (candidate / "lowrank_config.json").is_file():
+        if (candidate / CONFIG_NAME).is_file():
             return candidate
-    _usage_error(f"hf-lowrank: {path} holds no lowrank_config.json (nor {path / 'final'}); pass a saved model folder.")
+    _usage_error(f"hf-lowrank: {path} holds no {CONFIG_NAME} (nor {path / 'final'}); pass a saved model folder.")
 
 
 VERBS = {

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from . import __version__
+from .version import __version__
 from .checks import check_choice, check_int, check_size, fail, is_number, resolve_size  # noqa: F401  (resolve_size re-exported)
 from .files import read_json, write_json
 from .hub import push_folder, resolve_file

@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from .checks import fail, is_int
 
 SIZE_UNITS = ("KB", "MB", "GB", "TB")  # what huggingface_hub's shard splitter parses
+# What a saved tokenizer may hold (a merge copies them), and the files any one of which says a folder has one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 @contextlib.contextmanager

@@ -21,9 +21,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checks import check_layer_sizes
 from .spectral import factor_svd, factor_svdvals, svdvals
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an ``nn.Linear`` or a ``Conv1D`` (which stores (in, out)): a view, never a copy."""
+    if not isinstance(module, SUPPORTED_TYPES):
+        raise TypeError(f"LowRankLinear wraps nn.Linear or transformers Conv1D, not {type(module).__name__}.")
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 @dataclass(frozen=True)
@@ -77,10 +85,8 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
-        if not isinstance(base, SUPPORTED_TYPES):
-            raise TypeError(f"LowRankLinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}.")
+        weight = out_in_weight(base)
         self.base_type = "conv1d" if isinstance(base, Conv1D) else "linear"
-        weight = base.weight.T if self.base_type == "conv1d" else base.weight  # (out, in)
         self.out_features, self.in_features = weight.shape
         self.mode = "dense"
         self.rank: int | None = None
@@ -186,11 +192,7 @@ class LowRankLinear(nn.Module):
         return torch.cat([B, B.new_zeros(self.out_features, extra)], 1), torch.cat([A, A_pad], 0)
 
     def _check_sizes(self, rank: int, capacity: int) -> None:
-        if not 1 <= rank <= capacity <= self.full_rank:
-            raise ValueError(
-                f"rank={rank}, capacity={capacity} not allowed for a {self.out_features}x{self.in_features} layer: "
-                f"need 1 <= rank <= capacity <= {self.full_rank}."
-            )
+        check_layer_sizes(rank, capacity, self.out_features, self.in_features)
 
     # -- transitions ---------------------------------------------------------------------------
 

@@ -383,12 +383,19 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, known: list[str]) -> 
             f"unknown option --{key}{_close(key, [*known, *training_fields()])}; known options are {sorted(known)} "
             "(and lowrank.<field>, and every transformers.TrainingArguments field)."
         )
+    set_path(data, parts, value, f"--{key}")
+
+
+def set_path(data: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """``data[parts[0]][parts[1]]... = value``, making the mappings on the way; the one override writer
+    (the CLI's and recipes' dotted options, the benchmarks' ``--lowrank a.b=v``)."""
     node = data
     for part in parts[:-1]:
         if node.get(part) is None:
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise ValueError(f"--{key}: {part}={node[part]!r} is not a mapping; give a mapping there.")
+            raise ValueError(f"{where}: {part}={node[part]!r} is not a mapping; give a mapping there.")
+        node[part] = dict(node[part])  # a copy: the caller's nested dicts are never changed
         node = node[part]
     node[parts[-1]] = value
 

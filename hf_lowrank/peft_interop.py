@@ -20,7 +20,7 @@ from .checks import is_int, is_number, resolve_size
 from .config import LowRankConfig
 from .files import read_json, read_safetensors, write_json, write_safetensors
 from .hub import resolve_folder
-from .layer import SUPPORTED_TYPES, LowRankLinear
+from .layer import SUPPORTED_TYPES, LowRankLinear, out_in_weight
 from .model import LowRankModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,13 +34,6 @@ PEFT_PREFIX = "base_model.model."
 
 def _layers(module: nn.Module) -> dict:
     return {n: m for n, m in module.named_modules() if isinstance(m, LowRankLinear)}
-
-
-def _out_in_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of an ``nn.Linear`` or ``Conv1D``."""
-    if not isinstance(module, SUPPORTED_TYPES):
-        raise TypeError(type(module).__name__)
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -77,7 +70,7 @@ def _check_against_base(model: LowRankModel, base_model: nn.Module, saved_module
     for name, layer in layers.items():
         ref = base_modules.get(name)
         try:
-            ref_weight = _out_in_weight(ref)
+            ref_weight = out_in_weight(ref)
         except TypeError:
             raise ValueError(f"base_model has no nn.Linear / Conv1D named {name!r}; it is not the model the adapter belongs to.") from None
         own = layer.weight if layer.mode == "dense" else layer.base_weight
@@ -372,7 +365,7 @@ def import_peft_adapter(
         if not isinstance(module, SUPPORTED_TYPES):
             what = "no module" if module is None else f"a {type(module).__name__}, not nn.Linear / Conv1D, at"
             raise ValueError(f"{weights_path}: the base model has {what} {name!r}; the adapter belongs to another model.")
-        out_f, in_f = _out_in_weight(module).shape
+        out_f, in_f = out_in_weight(module).shape
         r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), cfg["r"]))
         alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), cfg["lora_alpha"]))
         A, B = pair["A"], pair["B"]

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from .checks import fail
-from .config import LowRankConfig
-from .files import write_json
+from .config import CONFIG_NAME, LowRankConfig
+from .files import TOKENIZER_MAIN_FILES, write_json
 from .options import RecipeError, RecipeOptions
 from .results import RESULTS_NAME, compare, format_results, hardware
 
@@ -42,12 +42,12 @@ __all__ = [
 
 
 def _is_lowrank_folder(path: str | None) -> bool:
-    return bool(path) and (Path(path) / "lowrank_config.json").is_file()
+    return bool(path) and (Path(path) / CONFIG_NAME).is_file()
 
 
 def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and Path(path).is_dir() and any(
-        (Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+        (Path(path) / name).is_file() for name in TOKENIZER_MAIN_FILES
     )
 
 

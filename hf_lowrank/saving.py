@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
+from transformers.utils import CONFIG_NAME as MODEL_CONFIG_NAME
+from transformers.utils import GENERATION_CONFIG_NAME
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .checks import check_bool, fail
+from .checks import check_bool, check_layer_sizes, fail
 from .config import CONFIG_NAME, LowRankConfig
 from .files import (
     atomic_directory,
@@ -39,7 +41,7 @@ from .files import (
     write_weights,
 )
 from .hub import resolve_folder
-from .layer import SUPPORTED_TYPES
+from .layer import SUPPORTED_TYPES, out_in_weight
 from .strategies import get_strategy
 
 if TYPE_CHECKING:
@@ -173,7 +175,7 @@ def save(
     with atomic_directory(save_directory) as tmp:
         lowrank.base_model.config.save_pretrained(tmp)
         # transformers validates this field before reading any weight, so its loaders fail with our text
-        write_json(tmp / "config.json", {**read_json(tmp / "config.json"), TRANSFORMERS_GUARD: TRANSFORMERS_REFUSAL})
+        write_json(tmp / MODEL_CONFIG_NAME, {**read_json(tmp / MODEL_CONFIG_NAME), TRANSFORMERS_GUARD: TRANSFORMERS_REFUSAL})
         if getattr(lowrank.base_model, "generation_config", None) is not None and lowrank.base_model.can_generate():
             lowrank.base_model.generation_config.save_pretrained(tmp)
         config.save_pretrained(tmp)
@@ -311,14 +313,11 @@ def _check_rank_pattern(path: Path, model: nn.Module, pattern: dict[str, dict[st
         module = modules.get(name)
         if spec["mode"] == "dense" or not isinstance(module, SUPPORTED_TYPES):
             continue  # names that are no linear layer are reported when the layers are injected
-        out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.T.shape
-        r, c, full = spec["rank"], spec["capacity"], min(in_f, out_f)
-        if not 1 <= r <= c <= full:
-            raise ValueError(
-                f"{path}: rank_pattern[{name!r}] has rank={r}, capacity={c}, not allowed for this {out_f}x{in_f} "
-                f"layer: need 1 <= rank <= capacity <= {full}. Restore the values save_pretrained wrote "
-                "(a trimmed save has capacity = rank)."
-            )
+        out_f, in_f = out_in_weight(module).shape
+        check_layer_sizes(
+            spec["rank"], spec["capacity"], out_f, in_f, f"{path}: rank_pattern[{name!r}]",
+            "Restore the values save_pretrained wrote (a trimmed save has capacity = rank).",
+        )
 
 
 def _load_dtype(dtype: torch.dtype | str | None, torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -469,7 +468,7 @@ def load(
             "model the adapter was trained on."
         )
     folder = resolve_folder(path_or_repo_id, where="LowRankModel.from_pretrained", **hub_kwargs)
-    for needed in ("config.json", CONFIG_NAME):
+    for needed in (MODEL_CONFIG_NAME, CONFIG_NAME):
         if not (folder / needed).is_file():
             raise FileNotFoundError(f"{folder / needed}: missing; a LowRankModel folder holds config.json, {CONFIG_NAME} and {WEIGHTS_NAME}.")
     adapter = weight_files(folder, WEIGHTS_NAME) is None
@@ -489,7 +488,7 @@ def load(
         delattr(model_config, TRANSFORMERS_GUARD)
     arch = (model_config.architectures or [None])[0]
     if model_class is None:
-        model_class = _known_model_class(folder / "config.json", arch)
+        model_class = _known_model_class(folder / MODEL_CONFIG_NAME, arch)
     data = read_json(folder / CONFIG_NAME)
     if trust_remote_code and isinstance(data, dict):  # the user's opt-in: import a "module:Class" strategy it names
         get_strategy(data.get("strategy"), trust_remote_code=True)
@@ -510,7 +509,7 @@ def load(
         model = _load_base(folder, config, model_class, dtype_name, model_config)
     _check_rank_pattern(folder / CONFIG_NAME, model, config.rank_pattern)
     wrapped = _wrap_and_load(wrapper, model, config, folder, keep_on_failure=base_model is not None)
-    if (folder / "generation_config.json").is_file() and model.can_generate():
+    if (folder / GENERATION_CONFIG_NAME).is_file() and model.can_generate():
         model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
     if dtype is not None:
         wrapped.to(dtype)

@@ -45,18 +45,18 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             for _ in range(node.level - 1):
                 base = base.rpartition(".")[0]
             target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
-            found.add(target)
-            found |= {f"{target}.{a.name}" for a in node.names}  # `from . import optim` imports a module
+            # `from . import optim` imports a module; `from . import __version__` the package itself
+            for alias in node.names:
+                found.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in known else target)
     return {m for m in found if m in known and m != name}
 
 
 def graph() -> dict[str, set[str]]:
     mods = modules()
     known = set(mods)
-    # The package facades (hf_lowrank, hf_lowrank.strategies) only re-export: an edge *to* a
-    # facade is Python's parent-package import, not a dependency of the importing module.
-    facades = {"hf_lowrank"}
-    return {n: imports_of(n, p, known) - facades for n, p in mods.items()}
+    # Every edge counts, to the package facades too: `from . import optim` is an edge to
+    # hf_lowrank.optim, `from . import __version__` one to hf_lowrank (which imports config).
+    return {n: imports_of(n, p, known) for n, p in mods.items()}
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from ..checks import check_fraction, check_int, check_number, fail, resolve_size
+from ..checks import check_fraction, check_int, check_number, fail, resolve_rank_and_capacity, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 
 if TYPE_CHECKING:
@@ -358,12 +358,7 @@ class RankStrategy:
         c = self.config
         if c.mode == "dense":
             return LayerSpec("dense")
-        rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
-        capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
-        if capacity < rank:
-            raise ValueError(
-                f"LowRankConfig.capacity resolves to {capacity} < rank {rank} for layer {name!r}; raise capacity."
-            )
+        rank, capacity = resolve_rank_and_capacity(c.rank, c.capacity, layer.in_features, layer.out_features, name)
         scaling = 1.0 if (c.mode == "factorized" or c.alpha is None) else c.alpha / rank
         return LayerSpec(c.mode, rank, capacity, scaling)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ..checks import fail, resolve_size
+from ..checks import fail, resolve_rank_and_capacity
 from ..layer import LayerSpec, LowRankLinear
 from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
 
@@ -62,12 +62,7 @@ class WarmStart(RankStrategy):
     def _sizes(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
         """Rank and capacity of ``layer`` after the switch, from ``LowRankConfig.rank`` / ``capacity``."""
         c = self.config
-        rank = resolve_size(c.rank, layer.in_features, layer.out_features, "rank", name)
-        capacity = rank if c.capacity is None else resolve_size(c.capacity, layer.in_features, layer.out_features, "capacity", name)
-        if capacity < rank:
-            raise ValueError(
-                f"LowRankConfig.capacity resolves to {capacity} < rank {rank} for layer {name!r}; raise capacity."
-            )
+        rank, capacity = resolve_rank_and_capacity(c.rank, c.capacity, layer.in_features, layer.out_features, name)
         return rank, capacity
 
     def bind(self, context: TrainContext) -> None:
