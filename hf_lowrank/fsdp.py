@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import optim
+from . import optim, private_torch
 from .config import CONFIG_NAME, LowRankConfig
 from .files import atomic_directory, read_json, read_safetensors, write_json, write_safetensors
 from .layer import LayerSpec, LowRankLinear
@@ -52,18 +52,6 @@ OPTIMIZER_GROUPS_NAME = "optimizer_groups.json"
 SCHEDULER_NAME = "scheduler.json"
 RNG_NAME = "rng_state.safetensors"
 
-# FSDPParamGroup settings a user may have changed after fully_shard (set_reshard_after_backward,
-# set_requires_gradient_sync, set_unshard_in_backward, ...) and its place in the root's
-# shared communication context: a rebuilt group takes them over.
-_GROUP_SETTINGS = (
-    "reduce_grads", "all_reduce_grads", "reshard_after_backward", "reduce_scatter_max_input_buffers",
-    "gradient_divide_factor", "reduce_scatter_unused_params", "force_sum_reduction_for_comms",
-    "unshard_async_op", "unshard_in_backward", "_all_reduce_hook", "_all_reduce_hook_stream",
-    "_all_gather_comm", "_reduce_scatter_comm", "comm_ctx", "_module_fqn", "_param_group_index",
-    "_num_param_groups",
-)
-
-
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or to a module inside it."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing can be sharded
@@ -72,11 +60,9 @@ def is_sharded(module: nn.Module) -> bool:
 
 def _states(model: nn.Module) -> list[Any]:
     """The FSDP2 states (one per unit) inside ``model``, in module order."""
-    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
-
     states: list[Any] = []
     for module in model.modules():
-        state = _get_module_fsdp_state(module)
+        state = private_torch.get_module_fsdp_state(module)
         if state is not None and state not in states:
             states.append(state)
     return states
@@ -111,9 +97,7 @@ def check_reshardable(model: nn.Module) -> None:
 
 def _unit_modules(state: Any) -> list[nn.Module]:
     """The modules whose own parameters the unit manages (not those of units nested in it)."""
-    from torch.distributed.fsdp._fully_shard._fsdp_init import _get_managed_modules
-
-    return _get_managed_modules(state._modules)
+    return private_torch.managed_modules(state._modules)
 
 
 @contextmanager
@@ -195,16 +179,13 @@ def _rebuild(state: Any, placements: dict[int, Any], ignored: set[int]) -> dict[
     Parameters that were gathered keep their placement; new ones are sharded on dim 0, as
     ``fully_shard`` does by default. Returns ``{id(full parameter): its new shard}``.
     """
-    from torch.distributed.fsdp._fully_shard._fsdp_init import _get_managed_states
-    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
-
     old = _group(state)
-    params = [p for p in _get_managed_states(_unit_modules(state))[0] if id(p) not in ignored]
-    new = FSDPParamGroup(
+    params = [p for p in private_torch.managed_parameters(_unit_modules(state)) if id(p) not in ignored]
+    new = private_torch.fsdp_param_group_class()(
         params, state._modules, old.mesh_info, old.post_forward_mesh_info, old.device,
         lambda p: placements.get(id(p)), old.mp_policy, old.offload_policy,
     )
-    for attr in _GROUP_SETTINGS:
+    for attr in private_torch.FSDP_GROUP_SETTINGS:
         if hasattr(old, attr):  # a setting this torch's FSDP2 does not have is not one the user set
             setattr(new, attr, getattr(old, attr))
     # The old group's state-dict hooks would reshard parameters that no longer exist.

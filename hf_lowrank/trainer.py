@@ -28,7 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils.generic import can_return_loss, find_labels
 
 from . import checkpoint as ckpt
-from . import distributed, fsdp, optim
+from . import distributed, fsdp, optim, private_accelerate, private_torch
 from .checks import check_int
 from .config import CONFIG_NAME, LowRankConfig
 from .files import atomic_directory, read_json, remove_leftovers, run_lock, write_json
@@ -207,13 +207,6 @@ class LowRankTrainer(Trainer):
     def _fsdp_version(self) -> int:
         return int(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) or 1)
 
-    # -- data columns come from the wrapped model's forward ----------------------------------
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            params = inspect.signature(self.model.base_model.forward).parameters
-            self._signature_columns = list(params) + list({"label", "label_ids", *self.label_names})
-
     # -- optimizer -----------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -334,7 +327,7 @@ class LowRankTrainer(Trainer):
         shards in place, and ``update_ranks`` re-shards the changed units.
         """
         old = self.model_wrapped
-        compiled = isinstance(old, torch._dynamo.eval_frame.OptimizedModule)
+        compiled = isinstance(old, private_torch.compiled_module_class())
         ddp = old._orig_mod if compiled else old
         if not distributed.is_ddp(ddp):
             return
@@ -344,7 +337,7 @@ class LowRankTrainer(Trainer):
             handler.register_comm_hook(new)
         if compiled:
             new = torch.compile(new, **self.accelerator.state.dynamo_plugin.to_kwargs())
-        self.accelerator._models = [new if m is old else m for m in self.accelerator._models]
+        private_accelerate.replace_prepared_model(self.accelerator, old, new)
         self.model_wrapped = new
         self._rewrapped = True
 
