@@ -9,7 +9,7 @@ never regenerated or edited. (While a version is unreleased and its folder uncom
 the folder and run this again.)
 
 One folder holds, from tiny random-init GPT-2 models (2 blocks, width 32, vocabulary 64; about
-350 KB in all, safetensors and JSON only):
+260 KB in all, safetensors and JSON only):
 
 - ``factorized/``: ``LowRankModel.save_pretrained`` of a model trained from scratch by InRank
   through its stage 2, every block linear factorized, the layers at the different ranks InRank found;
