@@ -49,14 +49,16 @@ def killed_by_signal(output: str) -> bool:
     return bool(_KILLED_BY_SIGNAL.search(output)) or "terminate called without an active exception" in output
 
 
-def run(launcher: Callable[[int], list[str]], args: list[str], timeout: int = 300, **env_vars: str) -> subprocess.CompletedProcess:
+def run(
+    launcher: Callable[[int], list[str]], args: list[str], timeout: int = 300, cwd: Path | None = None, **env_vars: str
+) -> subprocess.CompletedProcess:
     """Run ``launcher(port) + args`` with the repository on PYTHONPATH and one thread per process;
     asserts it exits 0, retrying once a launch in which a worker was killed by a signal."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_vars}
     for attempt in range(2):
-        proc = subprocess.run([*launcher(free_port()), *args], capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run([*launcher(free_port()), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
         if proc.returncode == 0 or attempt == 1 or not killed_by_signal(proc.stdout + proc.stderr):
             break
         warnings.warn(f"a worker was killed by a signal in the runtime; launching {args} once more")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

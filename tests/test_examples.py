@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +11,9 @@ import torch
 import transformers
 
 from hf_lowrank import LowRankModel
+
+sys.path.insert(0, str(Path(__file__).parent))
+import launch  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -23,11 +24,10 @@ TINY = [
 ]
 
 
-def run_example(name: str, out: Path, launcher: list[str] | None = None, **env_vars: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_vars}
-    cmd = [*(launcher or [sys.executable]), str(EXAMPLES / name), *TINY, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=out.parent)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def run_example(name: str, out: Path, launcher=None, **env_vars: str) -> str:
+    """Run examples/<name> in one plain process, or under ``launcher`` (launch.accelerate_launch)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = launch.run(launcher or (lambda port: [sys.executable]), [str(EXAMPLES / name), *TINY, "--out", str(out)], cwd=out.parent, **env_vars)
     assert "InRank stage 2" in proc.stdout and f"saved {out / 'final'}" in proc.stdout, proc.stdout
     return proc.stdout
 
@@ -57,10 +57,7 @@ def test_the_examples_train_save_and_load_and_agree_in_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_the_accelerate_example_runs_on_two_processes(tmp_path):
-    from test_distributed import free_port
-
-    config = ROOT / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port", str(free_port())]
+    launcher = launch.accelerate_launch(ROOT / "recipes" / "accelerate" / "cpu_2proc_gloo.yaml")
     # accelerate's multi-GPU launcher does not pass the config's use_cpu on; a plain Accelerator() reads it from here
     stdout = run_example("train_accelerate.py", tmp_path / "two", launcher, ACCELERATE_USE_CPU="true")
     assert "2 process(es)" in stdout and stdout.count("saved ") == 1, "process 0 prints and saves"
