@@ -478,7 +478,7 @@ class LowRankModel(nn.Module):
             start = time.perf_counter()
             optim.rebalance(self.lowrank_layers(), optimizer, self.lowrank_config.rebalance_moments)
             self.decision_seconds += time.perf_counter() - start  # counted with the decisions: library time outside the step
-        self.lr_adjust.apply_rewarm(optimizer, step)
+        self.lr_adjust.apply_rewarm(optimizer, step, lr_scheduler)
         return plan
 
     def lowrank_state_dict(self) -> dict[str, Any]:

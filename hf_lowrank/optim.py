@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from . import private_torch
 from .config import FACTOR_WEIGHT_DECAY, REBALANCE_MOMENTS
 from .layer import LowRankLinear
 
@@ -340,13 +341,15 @@ class LrAdjust:
         sched = inner_scheduler(scheduler)
         if hasattr(sched, "base_lrs"):
             sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        if optimizer is not None and sched is not None:
+            private_torch.set_last_lr(sched, inner_optimizer(optimizer))  # what the Trainer logs for this step
         self.factor *= factor
 
     def start_rewarm(self, step: int, length: int) -> None:
         self.rewarm = (step, length)
 
-    def apply_rewarm(self, optimizer: Any, step: int) -> None:
-        """Scale the learning rate set for the step after ``step`` by the re-warm ramp."""
+    def apply_rewarm(self, optimizer: Any, step: int, scheduler: Any = None) -> None:
+        """Scale the learning rate set for the step after ``step`` by the re-warm ramp (and what ``scheduler`` reports)."""
         if self.rewarm is None or optimizer is None:
             return
         start, length = self.rewarm
@@ -356,6 +359,8 @@ class LrAdjust:
             return
         for group in inner_optimizer(optimizer).param_groups:
             group["lr"] *= ramp
+        if scheduler is not None:
+            private_torch.set_last_lr(inner_scheduler(scheduler), inner_optimizer(optimizer))
 
     def state_dict(self) -> dict[str, Any]:
         return {"lr_factor": self.factor, "rewarm": list(self.rewarm) if self.rewarm else None}

@@ -43,6 +43,14 @@ FSDP_PARAM_ATTRIBUTES = (
 COMPILED_MODULE_ATTRIBUTES = ("_orig_mod",)
 # nn.Module's own registry, read to tell a full parameter from its shard
 MODULE_ATTRIBUTES = ("_parameters",)
+# LRScheduler: the rates get_last_lr() reports (and the Trainer logs); set after a plan rescales them
+LR_SCHEDULER_ATTRIBUTES = ("_last_lr",)
+
+
+def set_last_lr(scheduler: Any, optimizer: Any) -> None:
+    """Make ``scheduler.get_last_lr()`` report the rates ``optimizer``'s groups hold now."""
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def get_module_fsdp_state(module: nn.Module) -> Any:
@@ -94,6 +102,11 @@ def missing() -> list[str]:
         except ImportError:
             out.append(name)
     return out
+
+
+def missing_on_scheduler(scheduler: Any) -> list[str]:
+    """The attributes above that a live learning-rate scheduler lacks."""
+    return [f"{type(scheduler).__name__}.{a}" for a in LR_SCHEDULER_ATTRIBUTES if not hasattr(scheduler, a)]
 
 
 def missing_on_unit(state: Any) -> list[str]:

@@ -576,3 +576,36 @@ def test_a_ddp_wrapper_left_after_a_shape_change_is_named_and_update_ranks_stops
         model.update_ranks(13, optimizer)
     with pytest.raises(ValueError, match=r"update_ranks\(step=0\)"):
         model.update_ranks(0, optimizer)
+
+
+class HalvesThenRewarms(RankStrategy):
+    """Halves the learning rate after step 3, re-warms it over 3 steps after step 6 (no layer changes)."""
+
+    name = "test_halves_then_rewarms"
+
+    def due(self, step):
+        return step in (3, 6)
+
+    def step(self, step, layers):
+        return Plan(lr_factor=0.5, reason="halve") if step == 3 else Plan(rewarm_steps=3, reason="re-warm")
+
+
+def test_the_scheduler_reports_the_rate_a_plan_set():
+    """After a plan's factor or re-warm, scheduler.get_last_lr() (what the Trainer logs) is the rate the next step uses."""
+    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4, strategy=HalvesThenRewarms.name))
+    optimizer = torch.optim.AdamW(optim.param_groups(model, lr=1e-3))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / 20)
+    model.bind_training(12, optimizer, scheduler)
+    used = []
+    for step, batch in enumerate(batches(12), start=1):
+        used.append([g["lr"] for g in optimizer.param_groups])
+        model(**batch).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        model.update_ranks(step, optimizer, scheduler)
+        assert scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups], f"step {step}"
+    base = 1e-3
+    assert used[3][0] == pytest.approx(base * 0.5 * (1 - 3 / 20)), "halved from step 4 on"
+    assert used[6][0] == pytest.approx(base * 0.5 * (1 - 6 / 20) / 4), "re-warm: a quarter of the schedule at step 7"
+    assert used[9][0] == pytest.approx(base * 0.5 * (1 - 9 / 20)), "back on the (halved) schedule"

@@ -39,6 +39,9 @@ def test_torch_has_every_private_name(tmp_path):
             assert private_torch.missing_on_unit(state) == [], f"torch {torch.__version__}: {private_torch.missing_on_unit(state)}"
     finally:
         dist.destroy_process_group()
+    opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert private_torch.missing_on_scheduler(sched) == [], f"torch {torch.__version__}: {private_torch.missing_on_scheduler(sched)}"
     compiled = torch.compile(torch.nn.Linear(2, 2))
     assert isinstance(compiled, private_torch.compiled_module_class())
     assert all(hasattr(compiled, a) for a in private_torch.COMPILED_MODULE_ATTRIBUTES)
