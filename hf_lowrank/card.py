@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 SUMMARY_NAME = "training_summary.json"
 
 
-def _strategy_settings(config) -> dict:
+def _strategy_args(config) -> dict:
     """The strategy's settings with defaults filled in, or as saved when this process lacks the strategy."""
-    return config.strategy_settings.to_dict() if find_strategy(config.strategy) else dict(config.strategy_args)
+    return config.parsed_strategy_args.to_dict() if find_strategy(config.strategy) else dict(config.strategy_args)
 
 
 def push_model(model: "LowRankModel", repo_id: str, metrics: dict[str, Any] | None = None, **kwargs: Any):
@@ -135,7 +135,7 @@ def model_card(model: "LowRankModel", metrics: dict[str, Any] | None = None, rep
     yaml = ModelCardData(library_name="hf_lowrank", tags=["low-rank", config.strategy], base_model=hub_base).to_yaml()
     settings = {
         "strategy": f"`{config.strategy}`",
-        "strategy settings": f"`{json.dumps(_strategy_settings(config), sort_keys=True)}`",
+        "strategy settings": f"`{json.dumps(_strategy_args(config), sort_keys=True)}`",
         "starting mode": f"`{config.mode}`",
         "target modules": f"`{json.dumps(config.target_modules)}`",
         "frobenius decay": _cell(float(config.frobenius_decay)),

@@ -315,7 +315,7 @@ class LowRankConfig:
         _check_version(self.hf_lowrank_version, "LowRankConfig.hf_lowrank_version")
 
     @property
-    def strategy_settings(self):
+    def parsed_strategy_args(self):
         """The strategy's typed settings (``strategy_args`` validated, defaults filled in)."""
         return get_strategy(self.strategy).Args.from_dict(self.strategy_args)
 

@@ -261,7 +261,7 @@ def resharding(model: nn.Module, layers: Iterable[str], optimizer: Any = None) -
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def _rank() -> int:
+def _process_index() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -297,7 +297,7 @@ def save_checkpoint(
         get_optimizer_state_dict,
     )
 
-    main = _rank() == 0
+    main = _process_index() == 0
     osd = get_optimizer_state_dict(
         model, optim.inner_optimizer(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -374,7 +374,7 @@ def load_checkpoint(model: nn.Module, optimizer: Any, folder: str | os.PathLike,
     if lr_scheduler is not None:
         optim.inner_scheduler(lr_scheduler).load_state_dict(read_json(folder / SCHEDULER_NAME))
     rng = read_safetensors(folder / RNG_NAME)
-    rank = _rank() if f"cpu/{_rank()}" in rng else 0  # another world size: every process takes process 0's
-    torch.set_rng_state(rng[f"cpu/{rank}"])
-    if f"cuda/{rank}" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng[f"cuda/{rank}"])
+    index = _process_index() if f"cpu/{_process_index()}" in rng else 0  # another world size: every process takes process 0's
+    torch.set_rng_state(rng[f"cpu/{index}"])
+    if f"cuda/{index}" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[f"cuda/{index}"])

@@ -146,7 +146,7 @@ class _RankCallback(TrainerCallback):
         self.trainer._bind_strategy()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._rank_step(state.global_step)
+        self.trainer._strategy_step(state.global_step)
 
 
 def _quiet_console(handler) -> None:
@@ -298,7 +298,7 @@ class LowRankTrainer(Trainer):
         if self.is_world_process_zero():
             warnings.warn(message, stacklevel=3)
 
-    def _rank_step(self, step: int) -> None:
+    def _strategy_step(self, step: int) -> None:
         plan = self.model.update_ranks(step, self.optimizer, self.lr_scheduler)
         if plan is not None and plan.changes_shapes:
             self._rewrap()

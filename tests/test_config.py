@@ -29,7 +29,7 @@ def test_defaults_are_valid_and_documented():
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
 def test_every_strategy_has_valid_defaults(strategy):
     config = LowRankConfig(strategy=strategy)
-    assert config.strategy_settings == get_strategy(strategy).Args()
+    assert config.parsed_strategy_args == get_strategy(strategy).Args()
 
 
 @pytest.mark.parametrize(

@@ -158,7 +158,7 @@ def test_plain_accelerate_loop_with_a_shape_changing_strategy():
 def test_a_strategy_defined_in_a_test_file_registers_and_trains_under_the_trainer(tmp_path):
     assert REGISTRY[EveryFourthTruncates.name] is EveryFourthTruncates
     config = LowRankConfig(target_modules=["c_fc"], rank=8, strategy=EveryFourthTruncates.name)
-    assert config.strategy_settings.to_dict() == {}
+    assert config.parsed_strategy_args.to_dict() == {}
     module_path = f"{EveryFourthTruncates.__module__}:{EveryFourthTruncates.__qualname__}"
     assert LowRankConfig(target_modules=["c_fc"], rank=8, strategy=module_path).strategy == module_path
     args = transformers.TrainingArguments(

@@ -70,7 +70,7 @@ def test_overrides_reach_into_lowrank(tmp_path):
     )
     assert opts.max_steps == 50 and opts.lowrank["rank"] == 2
     assert opts.lowrank["strategy_args"] == {"stage2_at": 10, "threshold": 0.8}
-    assert opts.lowrank_config.strategy_settings.stage2_at == 10 and opts.source.endswith("bad.yaml")
+    assert opts.lowrank_config.parsed_strategy_args.stage2_at == 10 and opts.source.endswith("bad.yaml")
     with pytest.raises(RecipeError, match=r"unknown option --max_stepz"):
         _load(tmp_path, "", {"max_stepz": 3})
     with pytest.raises(RecipeError, match=r"--lowrank.rank.x: rank=0.5 is not a mapping"):

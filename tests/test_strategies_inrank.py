@@ -86,7 +86,7 @@ def test_default_schedule_grows_before_stage_2_in_any_run_length(max_steps):
 
 def test_authors_preset_scales_its_schedule_with_the_run():
     config = LowRankConfig(**PRESETS["authors"])
-    assert config.strategy_settings.buffer == 100 and config.strategy_settings.inactive_init == "random"
+    assert config.parsed_strategy_args.buffer == 100 and config.parsed_strategy_args.inactive_init == "random"
     for max_steps, (warmup, every, stage2) in {22_500: (25, 3, 130), 45_000: (50, 6, 260), 5_625: (6, 1, 32)}.items():
         s = InRank(config)
         s.bind(TrainContext(max_steps=max_steps, warn=lambda m: None))

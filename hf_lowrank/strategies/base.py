@@ -319,7 +319,7 @@ class RankStrategy:
 
     def __init__(self, config: "LowRankConfig"):
         self.config = config
-        self.args = config.strategy_settings
+        self.args = config.parsed_strategy_args
         self.context: TrainContext | None = None
 
     @classmethod
