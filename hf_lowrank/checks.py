@@ -1,8 +1,10 @@
 """One set of validators: every bad value is reported as ``<where>.<field>=<value> ...; <fix>.``
 
-A leaf module (standard library only). Config fields, strategy settings, recipe options and
-layer sizes all raise through :func:`fail`, so every error reads the same way: the field, the
-value it had, and what to give instead.
+A leaf module (standard library only). Config fields, strategy args, recipe options, data
+options and layer sizes are checked with these, and a single bad value raises through
+:func:`fail`, so every error reads the same way: the field, the value it had, and what to
+give instead. Checks that relate two values or name a file or layer (capacity below rank, a
+saved rank pattern, an unknown key) raise ``ValueError`` with the same three parts.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ def check_choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -
         fail(field, value, f"choose one of {', '.join(map(repr, allowed))}")
 
 
-def check_int(field: str, value: Any, minimum: int = 1) -> None:
+def check_int(field: str, value: Any, minimum: int = 1, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
     if not (is_int(value) and value >= minimum):
-        fail(field, value, f"give an int >= {minimum}")
+        fail(field, value, f"give an int >= {minimum}" + (" or None" if allow_none else ""))
 
 
 def check_number(field: str, value: Any, minimum: float = 0.0, inclusive: bool = False) -> None:
@@ -46,11 +50,11 @@ def check_number(field: str, value: Any, minimum: float = 0.0, inclusive: bool =
         fail(field, value, f"give a finite number {'>=' if inclusive else '>'} {minimum:g}")
 
 
-def check_fraction(field: str, value: Any, low_open: bool = True) -> None:
-    """A number in (0, 1] (or [0, 1] when not ``low_open``)."""
-    ok = is_number(value) and (value > 0 if low_open else value >= 0) and value <= 1
+def check_fraction(field: str, value: Any, low_open: bool = True, high_open: bool = False) -> None:
+    """A number in (0, 1] (or [0, 1] when not ``low_open``; up to 1 excluded when ``high_open``)."""
+    ok = is_number(value) and (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     if not ok:
-        fail(field, value, f"give a number in {'(' if low_open else '['}0, 1]")
+        fail(field, value, f"give a number in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
 
 
 def check_bool(field: str, value: Any) -> None:

@@ -240,9 +240,9 @@ class LowRankConfig:
             if value is not None and not isinstance(value, str) and not (
                 isinstance(value, list) and all(isinstance(v, str) and v for v in value)
             ):
-                raise ValueError(
-                    f"LowRankConfig.{name}={value!r} is not allowed; give a list of module names, a regex string, "
-                    f"{'or all-linear' if name == 'target_modules' else 'or None'}."
+                fail(
+                    f"LowRankConfig.{name}", value,
+                    f"give a list of module names, a regex string, {'or all-linear' if name == 'target_modules' else 'or None'}",
                 )
         if self.modules_to_save is not None and not (
             isinstance(self.modules_to_save, list) and all(isinstance(v, str) and v for v in self.modules_to_save)
@@ -261,7 +261,7 @@ class LowRankConfig:
         check_choice("LowRankConfig.residual_base", self.residual_base, RESIDUAL_BASES)
         check_choice("LowRankConfig.init", self.init, INITS)
         if not is_number(self.init_scale, 0.0) or self.init_scale > 1e3:
-            raise ValueError(f"LowRankConfig.init_scale={self.init_scale!r} is not allowed; give a number in (0, 1000] (larger overflows the factors).")
+            fail("LowRankConfig.init_scale", self.init_scale, "give a number in (0, 1000] (larger overflows the factors)")
         check_size("LowRankConfig.rank", self.rank)
         check_size("LowRankConfig.capacity", self.capacity, allow_none=True)
         if (
@@ -273,11 +273,9 @@ class LowRankConfig:
                 f"LowRankConfig.capacity={self.capacity!r} is smaller than rank={self.rank!r}; capacity must be >= rank."
             )
         if self.alpha is not None and not is_number(self.alpha, 0.0):
-            raise ValueError(f"LowRankConfig.alpha={self.alpha!r} is not allowed; give a positive number or None.")
+            fail("LowRankConfig.alpha", self.alpha, "give a positive number or None")
         if not is_number(self.frobenius_decay, 0.0, inclusive=True):
-            raise ValueError(
-                f"LowRankConfig.frobenius_decay={self.frobenius_decay!r} is not allowed; give a number >= 0."
-            )
+            fail("LowRankConfig.frobenius_decay", self.frobenius_decay, "give a number >= 0")
         if self.precondition is not None and not isinstance(self.precondition, bool):
             fail("LowRankConfig.precondition", self.precondition, "give true, false or null (on wherever an optimizer is bound)")
         if not is_number(self.precondition_damping, 0.0, inclusive=True) or self.precondition_damping > 1.0:
@@ -294,9 +292,9 @@ class LowRankConfig:
                     f"frobenius_decay={self.frobenius_decay} already replaces plain weight decay on the factors; set one of the two",
                 )
         if not is_number(self.factor_lr_scale, 0.0):
-            raise ValueError(f"LowRankConfig.factor_lr_scale={self.factor_lr_scale!r} is not allowed; give a number > 0.")
+            fail("LowRankConfig.factor_lr_scale", self.factor_lr_scale, "give a number > 0")
         if not (isinstance(self.strategy_args, dict) and all(isinstance(k, str) for k in self.strategy_args)):
-            raise ValueError(f"LowRankConfig.strategy_args={self.strategy_args!r} is not allowed; give a dict with str keys.")
+            fail("LowRankConfig.strategy_args", self.strategy_args, "give a dict with str keys")
         if find_strategy(self.strategy) is not None or not self.rank_pattern:
             # validates the name, the keys and the values; a saved layout (rank_pattern) loads without its strategy,
             # which is checked when training needs it (loading never imports the module a file names)
@@ -309,9 +307,7 @@ class LowRankConfig:
                 "capacity, scaling}} and is written by save_pretrained; leave it empty for a new model."
             )
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
-            raise ValueError(
-                f"LowRankConfig.base_model_name_or_path={self.base_model_name_or_path!r} is not allowed; give a str or None."
-            )
+            fail("LowRankConfig.base_model_name_or_path", self.base_model_name_or_path, "give a str or None")
         _check_version(self.hf_lowrank_version, "LowRankConfig.hf_lowrank_version")
 
     @property

@@ -22,6 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .checks import check_fraction, check_int
 from .files import atomic_directory, read_json, write_json
 
 EOS = "<|endoftext|>"
@@ -58,19 +59,6 @@ def _synthetic_lines() -> list[str]:
     return [f"{s} {v} {o} ." for s, v, o in itertools.product(subjects, verbs, objects)]
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value < 1):
-        raise ValueError(f"{name}={value!r} is not allowed; give a fraction in (0, 1).")
-
-
-def _check_int(name: str, value: int | None, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"{name}={value!r} is not allowed; give {allowed}.")
-
-
 def _split_documents(texts: list[str], eval_fraction: float, seed: int) -> datasets.DatasetDict:
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -94,7 +82,7 @@ def load_text_corpus(
     ``data_files``; any other name goes to ``datasets.load_dataset`` (offline: cached datasets only).
     Loaded datasets without a validation split get one of ``eval_fraction`` of their rows.
     """
-    _check_fraction("eval_fraction", eval_fraction)
+    check_fraction("eval_fraction", eval_fraction, high_open=True)
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is not allowed; give one of {BUNDLED}, 'text'/'json' or a datasets name.")
     if name in BUNDLED:
@@ -126,8 +114,8 @@ def load_text_corpus(
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``; ``<|endoftext|>`` is bos, eos, unk and pad."""
-    _check_int("vocab_size", vocab_size, MIN_VOCAB)
-    _check_int("min_frequency", min_frequency, 1)
+    check_int("vocab_size", vocab_size, MIN_VOCAB)
+    check_int("min_frequency", min_frequency, 1)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -198,9 +186,9 @@ def build_lm_datasets(
     remainder shorter than a block is dropped). A token cap keeps the first ``cap // block_size``
     blocks of its split.
     """
-    _check_int("block_size", block_size, 2)
-    _check_int("max_train_tokens", max_train_tokens, block_size, optional=True)
-    _check_int("max_eval_tokens", max_eval_tokens, block_size, optional=True)
+    check_int("block_size", block_size, 2)
+    check_int("max_train_tokens", max_train_tokens, block_size, allow_none=True)
+    check_int("max_eval_tokens", max_eval_tokens, block_size, allow_none=True)
     eos = tokenizer.eos_token_id
 
     def blocks(batch: dict[str, list]) -> dict[str, np.ndarray]:
@@ -236,10 +224,10 @@ def build_classification_datasets(
     out; ``num_labels`` keeps the most frequent topics; ``max_examples`` caps the total after a
     seeded shuffle. The validation split holds ``eval_fraction`` of every topic.
     """
-    _check_int("max_length", max_length, 1)
-    _check_int("num_labels", num_labels, 2, optional=True)
-    _check_int("max_examples", max_examples, 2, optional=True)
-    _check_fraction("eval_fraction", eval_fraction)
+    check_int("max_length", max_length, 1)
+    check_int("num_labels", num_labels, 2, allow_none=True)
+    check_int("max_examples", max_examples, 2, allow_none=True)
+    check_fraction("eval_fraction", eval_fraction, high_open=True)
     records = [r for r in wiki_records() if r["topic"] != UNCATEGORIZED]
     counts = Counter(r["topic"] for r in records)
     if num_labels is not None and num_labels > len(counts):

@@ -7,8 +7,9 @@ normalised here). Factors are ``B`` (out, capacity) and ``A`` (capacity, in); on
 
 Components beyond the active rank have ``B[:, j] = 0`` by default (``zero_inactive``), which
 makes ``grow`` exact; InRank's authors' layout keeps them random instead.
-The layer knows no strategy and no optimizer: transitions replace parameters, and the
-trainer carries optimizer state across by parameter name.
+The layer knows no strategy and no optimizer: transitions replace parameters, and
+``hf_lowrank.optim.regroup`` moves the optimizer onto the new ones (parameters the change
+kept keep their state, matched by identity).
 """
 
 from __future__ import annotations

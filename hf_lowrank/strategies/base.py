@@ -2,7 +2,8 @@
 
 A strategy observes the layers and returns a :class:`Plan` (which layer goes to which mode
 and rank, and whether the learning rate changes). It never touches the optimizer, the
-scheduler or the model's wrappers: the trainer applies plans and keeps those in step.
+scheduler or the model's wrappers: ``LowRankModel.update_ranks`` applies plans and keeps
+those in step (any loop calls it; ``LowRankTrainer`` does after each optimizer step).
 """
 
 from __future__ import annotations
@@ -371,8 +372,9 @@ class RankStrategy:
     def due(self, step: int) -> bool:
         """Whether ``step`` must be called after optimizer step ``step``.
 
-        Depends only on the step, the settings and the strategy state (which the trainer keeps
-        identical on every process), so all processes agree without communicating.
+        Depends only on the step, the args and the strategy state (which ``update_ranks`` keeps
+        identical on every process: process 0 decides and broadcasts), so all processes agree
+        without communicating.
         """
         return not self.is_final()
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ..checks import fail, resolve_size
+from ..checks import fail, is_int, resolve_size
 from ..layer import LayerSpec, LowRankLinear
 from ..spectral import condition_ratio, effective_rank, energy_fraction
 from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, StrategyArgs, TrainContext
@@ -48,10 +48,6 @@ COLLAPSE_METRICS: dict[str, CollapseMetric] = {
 }
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 @dataclass
 class DynamicArgs(StrategyArgs):
     """Dynamic rank adjustment settings. Schedule points: fraction of training (float) or optimizer step (int)."""
@@ -75,12 +71,12 @@ class DynamicArgs(StrategyArgs):
             v = getattr(self, name)
             if v is None and name == "adapter_rank":
                 continue
-            self.require(name, (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "give an int >= 1 or a fraction in (0, 1]")
+            self.require(name, (is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1), "give an int >= 1 or a fraction in (0, 1]")
         for name in ("inflate_at", "deflate_at", "dense_steps_after_auto"):
             v = getattr(self, name)
             self.require(
                 name,
-                (isinstance(v, float) and 0 < v <= 1) or (_is_int(v) and v >= 1),
+                (isinstance(v, float) and 0 < v <= 1) or (is_int(v) and v >= 1),
                 "give a fraction of training in (0, 1] or a step >= 1",
             )
         if type(self.inflate_at) is type(self.deflate_at) and self.inflate_at >= self.deflate_at:
