@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import optim, saving
+from . import optim, reporting, saving
 from .card import push_model
 from .config import LowRankConfig
 from .driver import TrainingDriver
@@ -382,7 +382,7 @@ class LowRankModel(nn.Module):
         """Restore :meth:`lowrank_state_dict` (the layout must already match; see :meth:`apply_rank_pattern`)."""
         self._driver.load_state_dict(state, source)
 
-    # -- layers and reporting ------------------------------------------------------------------
+    # -- layers --------------------------------------------------------------------------------
 
     def lowrank_layers(self) -> dict[str, LowRankLinear]:
         """Low-rank layers by module name (relative to the wrapped model)."""
@@ -407,6 +407,8 @@ class LowRankModel(nn.Module):
         for name, spec in pattern.items():
             layers[name].set_layout(LayerSpec(**spec))
 
+    # -- reporting (hf_lowrank/reporting.py) ---------------------------------------------------
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters of the whole model (shared tensors counted once).
 
@@ -415,28 +417,46 @@ class LowRankModel(nn.Module):
         which is what a LoRA user reads as trainable; ``capacity`` is the difference, the
         components allocated for growth.
         """
-        seen: dict[int, nn.Parameter] = {id(p): p for p in self.parameters()}
-        total = sum(p.numel() for p in seen.values())
-        trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-        spare = sum(
-            (layer.capacity - layer.rank) * (layer.in_features + layer.out_features)
-            for layer in self.lowrank_layers().values()
-            if layer.mode != "dense" and layer.B is not None and layer.B.requires_grad
-        )
-        return {"trainable": trainable, "total": total, "active": trainable - spare, "capacity": spare}
+        return reporting.parameter_counts(self)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` as PEFT returns them; trainable counts the active ranks (see :meth:`parameter_counts`)."""
         counts = self.parameter_counts()
         return counts["active"], counts["total"]
 
-    def _counts_line(self, digits: int) -> str:
-        counts = self.parameter_counts()
-        spare = f" || allocated for growth: {counts['capacity']:,}" if counts["capacity"] else ""
-        return (
-            f"trainable params: {counts['active']:,}{spare} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['active'] / max(1, counts['total']):.{digits}f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+    def layer_report(self) -> list[dict[str, Any]]:
+        """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
+        return reporting.layer_report(self)
+
+    def rank_fraction(self) -> float:
+        """Sum of active ranks over the sum of full ranks of the low-rank layers (dense counts as full)."""
+        return reporting.rank_fraction(self)
+
+    def summary(self) -> str:
+        """A readable table of the layers and the parameter counts."""
+        return reporting.summary(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
+
+        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
+        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
+        """
+        print(reporting.counts_line(self, 4))
+
+    # -- conversion and adapters ---------------------------------------------------------------
+
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every low-rank layer by a plain ``nn.Linear`` / ``Conv1D`` with the same function.
+
+        Returns the wrapped transformers model, which no longer needs hf_lowrank.
+        """
+        for name, layer in self.lowrank_layers().items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent), child, layer.to_base_module())
+        for p in self.base_model.parameters():
+            p.requires_grad_(True)
+        return self.base_model
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -476,66 +496,6 @@ class LowRankModel(nn.Module):
             )
         with self.disable_adapter():
             return self.merge_and_unload()
-
-    def layer_report(self) -> list[dict[str, Any]]:
-        """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
-        rows = []
-        for name, layer in self.lowrank_layers().items():
-            counts = layer.num_parameters()
-            rows.append(
-                {
-                    "layer": name,
-                    "mode": layer.mode,
-                    "rank": layer.rank if layer.mode != "dense" else layer.full_rank,
-                    "capacity": layer.capacity,
-                    "full_rank": layer.full_rank,
-                    "shape": f"{layer.out_features}x{layer.in_features}",
-                    "trainable": counts["trainable"],
-                    "total": counts["total"],
-                }
-            )
-        return rows
-
-    def rank_fraction(self) -> float:
-        """Sum of active ranks over the sum of full ranks of the low-rank layers (dense counts as full)."""
-        rows = self.layer_report()
-        return sum(r["rank"] for r in rows) / max(1, sum(r["full_rank"] for r in rows))
-
-    def summary(self) -> str:
-        """A readable table of the layers and the parameter counts."""
-        rows = self.layer_report()
-        width = max([len(r["layer"]) for r in rows] + [5])
-        lines = [f"{'layer':<{width}}  {'mode':<10} {'rank':>5} {'cap':>5} {'full':>5}  {'shape':>11} {'params':>10}"]
-        for r in rows:
-            cap = "-" if r["capacity"] is None else r["capacity"]
-            lines.append(
-                f"{r['layer']:<{width}}  {r['mode']:<10} {r['rank']:>5} {cap:>5} {r['full_rank']:>5}  "
-                f"{r['shape']:>11} {r['total']:>10,}"
-            )
-        lines.append(self._counts_line(2))
-        return "\n".join(lines)
-
-    def print_trainable_parameters(self) -> None:
-        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
-
-        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
-        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
-        """
-        print(self._counts_line(4))
-
-    # -- conversion ----------------------------------------------------------------------------
-
-    def merge_and_unload(self) -> nn.Module:
-        """Replace every low-rank layer by a plain ``nn.Linear`` / ``Conv1D`` with the same function.
-
-        Returns the wrapped transformers model, which no longer needs hf_lowrank.
-        """
-        for name, layer in self.lowrank_layers().items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, layer.to_base_module())
-        for p in self.base_model.parameters():
-            p.requires_grad_(True)
-        return self.base_model
 
     # -- persistence (hf_lowrank/saving.py) -----------------------------------------------------
 
