@@ -1,4 +1,8 @@
-"""get_lowrank_model / LowRankModel: inject low-rank layers into any transformers model."""
+"""get_lowrank_model / LowRankModel: inject low-rank layers into any transformers model.
+
+The layers it targets come from targets.py, the training driver it delegates to is driver.py
+(TrainingDriver), the parameter counts and summary are reporting.py, saving and loading saving.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import contextlib
 import inspect
 import os
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -18,60 +21,9 @@ from .config import LowRankConfig
 from .driver import TrainingDriver
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
 from .strategies import Plan, RankStrategy, UnavailableStrategy, find_strategy, get_strategy
+from .targets import check_not_tied, find_target_modules
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
-
-
-def _all_linear(model: nn.Module) -> list[str]:
-    """Every nn.Linear / Conv1D except the output embedding and a classification head."""
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    skip: set[int] = set()
-    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-        skip.add(id(model.get_output_embeddings()))
-    for head in SEQ_CLS_HEAD_NAMES + ["qa_outputs"]:
-        module = getattr(model, head, None)
-        if isinstance(module, nn.Module):
-            skip.update(id(m) for m in module.modules())
-    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES) and id(m) not in skip]
-
-
-def find_target_modules(model: nn.Module, config: LowRankConfig) -> list[str]:
-    """Names of the modules ``config`` selects, matched with PEFT's ``check_target_module_exists``."""
-    from peft.tuners.tuners_utils import check_target_module_exists  # imported here: peft is slow to import
-
-    targets = config.target_modules
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _all_linear(model)
-    matcher = SimpleNamespace(
-        target_modules=targets, exclude_modules=config.exclude_modules, target_parameters=None, modules_to_save=None
-    )
-    names = []
-    for name, module in model.named_modules():
-        hit = check_target_module_exists(matcher, name)
-        if hit and type(hit).__name__ != "_ExcludedModule" and isinstance(module, (SUPPORTED_TYPES, LowRankLinear)):
-            names.append(name)
-    if not names:
-        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)})
-        raise ValueError(
-            f"LowRankConfig.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-            f"matches no nn.Linear / Conv1D layer of {type(model).__name__}; its linear layers are named {candidates}."
-        )
-    return names
-
-
-def _check_not_tied(model: nn.Module, names: list[str]) -> None:
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    modules = dict(model.named_modules())
-    for name in names:
-        shared = owners.get(id(modules[name].weight), [])
-        if len(shared) > 1:
-            raise ValueError(
-                f"layer {name!r} shares its weight with {[s for s in shared if not s.startswith(name + '.')]} "
-                "(tied weights); add it to LowRankConfig.exclude_modules."
-            )
 
 
 # PEFT names a LoRA user reaches for that LowRankModel does not have, with where to go instead.
@@ -153,7 +105,7 @@ class LowRankModel(nn.Module):
                 )
         else:
             names = find_target_modules(self.base_model, config)
-        _check_not_tied(self.base_model, [n for n in names if not isinstance(self.base_model.get_submodule(n), LowRankLinear)])
+        check_not_tied(self.base_model, [n for n in names if not isinstance(self.base_model.get_submodule(n), LowRankLinear)])
         for name in names:
             module = self.base_model.get_submodule(name)
             layer = module if isinstance(module, LowRankLinear) else LowRankLinear(module)
