@@ -1,87 +1,29 @@
-"""get_lowrank_model / LowRankModel: inject low-rank layers into any transformers model."""
+"""get_lowrank_model / LowRankModel: inject low-rank layers into any transformers model.
+
+The layers it targets come from targets.py, the training driver it delegates to is driver.py
+(TrainingDriver), the parameter counts and summary are reporting.py, saving and loading saving.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
-import time
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import distributed, fsdp, optim, saving
+from . import optim, reporting, saving
 from .card import push_model
-from .checks import check_int, is_number
-from .config import REBALANCE_EVERY, LowRankConfig
+from .config import LowRankConfig
+from .driver import TrainingDriver
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
-from .strategies import (
-    LayerChange,
-    Plan,
-    RankStrategy,
-    StateContext,
-    TrainContext,
-    UnavailableStrategy,
-    find_strategy,
-    get_strategy,
-)
+from .strategies import Plan, RankStrategy, UnavailableStrategy, find_strategy, get_strategy
+from .targets import check_not_tied, find_target_modules
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
-
-
-def _all_linear(model: nn.Module) -> list[str]:
-    """Every nn.Linear / Conv1D except the output embedding and a classification head."""
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    skip: set[int] = set()
-    if hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-        skip.add(id(model.get_output_embeddings()))
-    for head in SEQ_CLS_HEAD_NAMES + ["qa_outputs"]:
-        module = getattr(model, head, None)
-        if isinstance(module, nn.Module):
-            skip.update(id(m) for m in module.modules())
-    return [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES) and id(m) not in skip]
-
-
-def find_target_modules(model: nn.Module, config: LowRankConfig) -> list[str]:
-    """Names of the modules ``config`` selects, matched with PEFT's ``check_target_module_exists``."""
-    from peft.tuners.tuners_utils import check_target_module_exists  # imported here: peft is slow to import
-
-    targets = config.target_modules
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = _all_linear(model)
-    matcher = SimpleNamespace(
-        target_modules=targets, exclude_modules=config.exclude_modules, target_parameters=None, modules_to_save=None
-    )
-    names = []
-    for name, module in model.named_modules():
-        hit = check_target_module_exists(matcher, name)
-        if hit and type(hit).__name__ != "_ExcludedModule" and isinstance(module, (SUPPORTED_TYPES, LowRankLinear)):
-            names.append(name)
-    if not names:
-        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)})
-        raise ValueError(
-            f"LowRankConfig.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-            f"matches no nn.Linear / Conv1D layer of {type(model).__name__}; its linear layers are named {candidates}."
-        )
-    return names
-
-
-def _check_not_tied(model: nn.Module, names: list[str]) -> None:
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    modules = dict(model.named_modules())
-    for name in names:
-        shared = owners.get(id(modules[name].weight), [])
-        if len(shared) > 1:
-            raise ValueError(
-                f"layer {name!r} shares its weight with {[s for s in shared if not s.startswith(name + '.')]} "
-                "(tied weights); add it to LowRankConfig.exclude_modules."
-            )
 
 
 # PEFT names a LoRA user reaches for that LowRankModel does not have, with where to go instead.
@@ -142,14 +84,10 @@ class LowRankModel(nn.Module):
         if known is None and not config.rank_pattern:
             known = get_strategy(config.strategy)  # raises, saying how to provide it
         self.strategy: RankStrategy = known(config) if known is not None else UnavailableStrategy(config)
-        self.lr_adjust = optim.LrAdjust()
-        self.plan_history: list[dict[str, Any]] = []
-        self.decision_seconds = 0.0
         self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
-        self._bound = False
-        self._max_steps: int | None = None  # the run length bind_training was given
-        self._ddp_check = False  # parameters were replaced: check once that a DDP wrapper was rebuilt
-        self._hooked_optimizers: set[int] = set()  # optimizers that carry this model's gradient hooks
+        # The training state (run length, hooked optimizers, lr adjustments, plans applied): a plain object, so
+        # neither the module tree nor state_dict sees it.
+        self._driver = TrainingDriver(self)
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
         self._inject()
         self._freeze_for_adapters()
@@ -167,7 +105,7 @@ class LowRankModel(nn.Module):
                 )
         else:
             names = find_target_modules(self.base_model, config)
-        _check_not_tied(self.base_model, [n for n in names if not isinstance(self.base_model.get_submodule(n), LowRankLinear)])
+        check_not_tied(self.base_model, [n for n in names if not isinstance(self.base_model.get_submodule(n), LowRankLinear)])
         for name in names:
             module = self.base_model.get_submodule(name)
             layer = module if isinstance(module, LowRankLinear) else LowRankLinear(module)
@@ -288,44 +226,11 @@ class LowRankModel(nn.Module):
         """The wrapped model's forward (``labels`` named so the Trainer's label detection finds it)."""
         if labels is not None:
             kwargs["labels"] = labels
-        if self.training and not self._bound and torch.is_grad_enabled() and isinstance(self.strategy, UnavailableStrategy):
-            raise ValueError(self.strategy.message)
-        if self.training and not self._bound and torch.is_grad_enabled() and self._needs_driver():
-            c = self.lowrank_config
-            acting = [f"strategy={c.strategy!r}"] if not self.strategy.is_final() else []
-            acting += [f"{k}={v!r}" for k, v, on in (
-                ("frobenius_decay", c.frobenius_decay, c.frobenius_decay > 0),
-                ("precondition", c.precondition, c.precondition is True),
-                ("rebalance_every", c.rebalance_every, bool(c.rebalance_every)),
-            ) if on]
-            raise RuntimeError(
-                f"LowRankConfig({', '.join(acting)}) acts during training, but nothing drives it: train with "
-                "hf_lowrank.LowRankTrainer, add hf_lowrank.LowRankCallback() to a transformers.Trainer, or in your own "
-                "loop call model.bind_training(max_steps, optimizer, lr_scheduler) once and "
-                "model.update_ranks(step, optimizer, lr_scheduler) after every optimizer step."
-            )
-        if self._ddp_check and not torch.compiler.is_compiling():
-            self._check_ddp_rebuilt()
+        if self.training and not self._driver.bound and torch.is_grad_enabled():
+            self._driver.refuse_undriven()  # a missing strategy, or settings that act during training, undriven
+        if self._driver.ddp_check and not torch.compiler.is_compiling():
+            self._driver.check_ddp_rebuilt()
         return self.base_model(*args, **kwargs)
-
-    def _check_ddp_rebuilt(self) -> None:
-        """After a shape change, refuse a forward through a DDP wrapper still holding the replaced parameters."""
-        stale = distributed.stale_ddp(self)
-        if stale is not None:
-            raise RuntimeError(
-                "the DistributedDataParallel wrapper running this forward still holds the parameters a rank change "
-                "replaced (the last plan had changes_shapes), so the new ones would train unsynchronised and DDP's "
-                "reducer would fail at the next step; rebuild it after update_ranks: "
-                "`if plan is not None and plan.changes_shapes: model = hf_lowrank.distributed.rewrap_ddp(model)` "
-                "(LowRankTrainer does this itself)."
-            )
-        if getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None or distributed.world()[1] == 1:
-            self._ddp_check = False  # passed under a rebuilt DDP, or no DDP can hold this model (one process)
-
-    def _needs_driver(self) -> bool:
-        """Whether training without bind_training would silently skip something the config asks for."""
-        c = self.lowrank_config
-        return not self.strategy.is_final() or c.frobenius_decay > 0 or c.precondition is True or bool(c.rebalance_every)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` of the wrapped model, running through the low-rank layers."""
@@ -354,73 +259,9 @@ class LowRankModel(nn.Module):
         step. Given an ``optimizer``, Frobenius decay (``LowRankConfig.frobenius_decay``) and the
         factor preconditioner (``LowRankConfig.precondition``, on unless False) are hooked into it. Schedule points that fall outside the run raise here, before training.
         """
-        check_int("max_steps", max_steps, 1)
-        sched = optim.inner_scheduler(lr_scheduler)
-        base = list(getattr(sched, "base_lrs", None) or [1.0])
-        lambdas = getattr(sched, "lr_lambdas", None)
-
-        def lr_at(step: int) -> float:
-            return base[0] * lambdas[0](step) if lambdas else base[0]
-
-        rank, _ = distributed.world()
-
-        def warn_once(message: str) -> None:
-            if rank == 0:
-                warnings.warn(message, stacklevel=3)
-
-        if device is None:
-            device = str(next(self.parameters()).device)
-        self.strategy.bind(
-            TrainContext(
-                max_steps=max_steps, lr_at=lr_at, warn=warn or warn_once, device=device, dtype=dtype,
-                tokens_per_batch=tokens_per_batch,
-            )
+        self._driver.bind(
+            max_steps, optimizer, lr_scheduler, warn=warn, device=device, dtype=dtype, tokens_per_batch=tokens_per_batch
         )
-        c = self.lowrank_config
-        if self.strategy.changes_shapes and fsdp.is_sharded(self):
-            fsdp.check_reshardable(self)
-        if optimizer is not None:
-            inner = optim.inner_optimizer(optimizer)
-            if id(inner) not in self._hooked_optimizers:  # a second bind (a resume) hooks nothing twice
-                if c.frobenius_decay > 0:
-                    optim.add_frobenius_decay(inner, self.lowrank_layers, c.frobenius_decay)
-                if c.precondition is not False:
-                    optim.add_preconditioner(inner, self.lowrank_layers, c.precondition_damping)
-                self._hooked_optimizers.add(id(inner))
-        elif c.frobenius_decay > 0:
-            raise ValueError(
-                f"LowRankConfig.frobenius_decay={c.frobenius_decay} needs the optimizer: call "
-                "bind_training(max_steps, optimizer, lr_scheduler) so the decay is applied at every step."
-            )
-        elif c.precondition is True:
-            raise ValueError(
-                "LowRankConfig.precondition=True needs the optimizer: call bind_training(max_steps, optimizer, lr_scheduler) "
-                "so the factor gradients are preconditioned at every step."
-            )
-        if self._rebalance_period() and c.rebalance_moments == "reset" and optimizer is None:
-            raise ValueError(
-                "LowRankConfig.rebalance_moments='reset' needs the optimizer: call bind_training(max_steps, optimizer, "
-                "lr_scheduler) and pass it to update_ranks, or use rebalance_moments='keep'."
-            )
-        needs_groups = [
-            f"{name}={value}" for name, value, default in
-            (("factor_lr_scale", c.factor_lr_scale, 1.0), ("factor_weight_decay", c.factor_weight_decay, None))
-            if value != default
-        ]
-        if optimizer is not None and needs_groups and not any(
-            g.get("lowrank_factors") for g in optim.inner_optimizer(optimizer).param_groups
-        ):
-            raise ValueError(
-                f"LowRankConfig.{', '.join(needs_groups)} needs factor parameter groups: build the optimizer "
-                "from hf_lowrank.optim.param_groups(model, lr, weight_decay), or train with LowRankTrainer."
-            )
-        self._max_steps = max_steps
-        self._bound = True
-
-    def _rebalance_period(self) -> int:
-        """Steps between re-balances (0: never): ``LowRankConfig.rebalance_every``, or its default where it is None."""
-        every = self.lowrank_config.rebalance_every
-        return REBALANCE_EVERY if every is None else every
 
     def check_run(self, max_steps: int) -> None:
         """Raise ``ValueError`` (naming the setting) if the strategy cannot act within ``max_steps``; binds nothing.
@@ -428,9 +269,7 @@ class LowRankModel(nn.Module):
         For validating a run before any data is prepared; :meth:`bind_training` checks the same
         again, and warns about marginal schedules, when training starts.
         """
-        check_int("max_steps", max_steps, 1)
-        probe = type(self.strategy)(self.lowrank_config)
-        probe.bind(TrainContext(max_steps=max_steps, warn=lambda message: None))
+        self._driver.check_run(max_steps)
 
     def update_ranks(self, step: int, optimizer: Any = None, lr_scheduler: Any = None) -> Plan | None:
         """Run the strategy after optimizer step ``step`` (1-based) and apply what it plans.
@@ -446,83 +285,56 @@ class LowRankModel(nn.Module):
         Every ``LowRankConfig.rebalance_every`` steps the factorized layers' factor pairs are
         re-balanced here (:func:`hf_lowrank.optim.rebalance`), on every process alike.
         """
-        if not self._bound:
-            raise RuntimeError("call model.bind_training(max_steps, optimizer, lr_scheduler) before update_ranks.")
-        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= self._max_steps:
-            raise ValueError(
-                f"update_ranks(step={step!r}): steps run from 1 to max_steps={self._max_steps}, the length "
-                "bind_training was given (the strategy's schedule and the learning-rate schedule end there); stop the "
-                "loop at max_steps (e.g. itertools.islice(loader, max_steps)) or bind again with the run's real length."
-            )
-        plan = None
-        if self.strategy.due(step):
-            start = time.perf_counter()
-            layers = self.lowrank_layers()
+        return self._driver.update_ranks(step, optimizer, lr_scheduler)
 
-            def decide() -> dict[str, Any] | None:
-                plan = self.strategy.step(step, layers)
-                return plan.to_dict() if plan else None
+    def apply_plan(
+        self, plan: Plan, step: int | None = None, optimizer: Any = None, lr_scheduler: Any = None
+    ) -> list[str]:
+        """Carry out a plan on the layers and bring ``optimizer`` / ``lr_scheduler`` in step.
 
-            with fsdp.gathered_layers(self):  # FSDP2: the strategy reads full tensors, not shards
-                payload, state = distributed.decide_on_rank0(decide, self.strategy.state_dict)
-            if distributed.world()[0] != 0:
-                self.strategy.load_state_dict(state)
-            plan = Plan.from_dict(payload) if payload else None
-            if plan:
-                # FSDP2: the units of replaced layers are re-sharded, the optimizer moved onto the new shards
-                with fsdp.resharding(self, [c.layer for c in plan.changes if c.op != "grow"], optimizer):
-                    self.apply_plan(plan, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler)
-            self.decision_seconds += time.perf_counter() - start
-        every = self._rebalance_period()
-        if every and step % every == 0:  # the run's step is the clock, so a resume re-balances at the same steps
-            start = time.perf_counter()
-            optim.rebalance(self.lowrank_layers(), optimizer, self.lowrank_config.rebalance_moments)
-            self.decision_seconds += time.perf_counter() - start  # counted with the decisions: library time outside the step
-        self.lr_adjust.apply_rewarm(optimizer, step, lr_scheduler)
-        return plan
+        A transition whose SVD fails (``torch.linalg.LinAlgError``: it raised, or gave
+        non-finite factors) leaves its layer as it was: the SVD comes before any parameter is
+        replaced. The other changes still apply; the skipped ones are warned and returned.
+        When every change is skipped, the plan's learning-rate factor and re-warm are not applied.
+        """
+        return self._driver.apply_plan(plan, step, optimizer, lr_scheduler)
+
+    @property
+    def plan_history(self) -> list[dict[str, Any]]:
+        """Every plan applied so far, with its step and the changes skipped (saved in checkpoints)."""
+        return self._driver.plan_history
+
+    @plan_history.setter
+    def plan_history(self, value: list[dict[str, Any]]) -> None:
+        self._driver.plan_history = value
+
+    @property
+    def decision_seconds(self) -> float:
+        """Wall-clock seconds spent deciding and applying rank changes and re-balancing."""
+        return self._driver.decision_seconds
+
+    @decision_seconds.setter
+    def decision_seconds(self, value: float) -> None:
+        self._driver.decision_seconds = value
+
+    @property
+    def lr_adjust(self) -> optim.LrAdjust:
+        """The learning-rate factor and re-warm the plans applied (:class:`hf_lowrank.optim.LrAdjust`)."""
+        return self._driver.lr_adjust
+
+    @lr_adjust.setter
+    def lr_adjust(self, value: optim.LrAdjust) -> None:
+        self._driver.lr_adjust = value
 
     def lowrank_state_dict(self) -> dict[str, Any]:
         """Everything besides tensors that resuming needs: strategy state, lr adjustments, plan history, layout."""
-        return {
-            "strategy": self.lowrank_config.strategy,
-            "strategy_state": self.strategy.state_dict(),
-            **self.lr_adjust.state_dict(),
-            "plan_history": self.plan_history,
-            "decision_seconds": self.decision_seconds,
-            "rank_pattern": self.rank_pattern(),
-        }
+        return {**self._driver.state_dict(), "rank_pattern": self.rank_pattern()}
 
     def load_lowrank_state_dict(self, state: dict[str, Any], source: str = "state") -> None:
         """Restore :meth:`lowrank_state_dict` (the layout must already match; see :meth:`apply_rank_pattern`)."""
-        keys = ("strategy", "strategy_state", "lr_factor", "rewarm", "plan_history", "decision_seconds")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            have = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"{source}: not a low-rank training state (needs keys {list(keys)}, has {have}); "
-                "it is written with every LowRankTrainer checkpoint, so the checkpoint is incomplete or edited."
-            )
-        if state["strategy"] != self.lowrank_config.strategy:
-            raise ValueError(
-                f"{source}: checkpoint was trained with strategy {state['strategy']!r}, "
-                f"this run uses {self.lowrank_config.strategy!r}."
-            )
-        steps = [h.get("step") for h in state["plan_history"] if isinstance(h, dict)] if isinstance(state["plan_history"], list) else []
-        step = state.get("global_step")
-        ctx = StateContext(self.lowrank_layers(), step if isinstance(step, int) else None, frozenset(s for s in steps if isinstance(s, int)))
-        try:
-            self.strategy.check_state(state["strategy_state"], ctx)  # names, sizes and steps against this model
-            self.strategy.load_state_dict(state["strategy_state"])
-            self.lr_adjust.load_state_dict(state)
-            if not (isinstance(state["plan_history"], list) and all(isinstance(h, dict) for h in state["plan_history"])):
-                raise ValueError(f"plan_history={str(state['plan_history'])[:80]!r} is not a list of plans")
-            if not is_number(state["decision_seconds"], 0.0, inclusive=True):
-                raise ValueError(f"decision_seconds={state['decision_seconds']!r} is not a number >= 0")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{source}: malformed strategy_state or lr adjustment ({type(e).__name__}: {e}).") from e
-        self.plan_history = list(state["plan_history"])
-        self.decision_seconds = float(state["decision_seconds"])
+        self._driver.load_state_dict(state, source)
 
-    # -- layers and reporting ------------------------------------------------------------------
+    # -- layers --------------------------------------------------------------------------------
 
     def lowrank_layers(self) -> dict[str, LowRankLinear]:
         """Low-rank layers by module name (relative to the wrapped model)."""
@@ -547,55 +359,7 @@ class LowRankModel(nn.Module):
         for name, spec in pattern.items():
             layers[name].set_layout(LayerSpec(**spec))
 
-    def apply_plan(
-        self, plan: Plan, step: int | None = None, optimizer: Any = None, lr_scheduler: Any = None
-    ) -> list[str]:
-        """Carry out a plan on the layers and bring ``optimizer`` / ``lr_scheduler`` in step.
-
-        A transition whose SVD fails (``torch.linalg.LinAlgError``: it raised, or gave
-        non-finite factors) leaves its layer as it was: the SVD comes before any parameter is
-        replaced. The other changes still apply; the skipped ones are warned and returned.
-        When every change is skipped, the plan's learning-rate factor and re-warm are not applied.
-        """
-        layers = self.lowrank_layers()
-        before = dict(self.named_parameters())
-        skipped = []
-        for change in plan.changes:
-            try:
-                self._apply_change(layers[change.layer], change)
-            except torch.linalg.LinAlgError as e:
-                skipped.append(f"{change.op} of {change.layer} skipped: its SVD failed ({e}); the layer is left as it was.")
-        after = dict(self.named_parameters())
-        replaced = before.keys() != after.keys() or any(before[n] is not after[n] for n in after)
-        self._ddp_check = self._ddp_check or replaced
-        if replaced and optimizer is not None:
-            frob = self.lowrank_config.frobenius_decay > 0
-            optim.regroup(optimizer, after.items(), before, decays=lambda n, p: optim.decays(n, p, frob))
-        # The learning-rate change goes with the layer changes: when all of them were skipped the
-        # model is the one the schedule was set for (a failed Cuttlefish switch stays dense).
-        retune = not plan.changes or len(skipped) < len(plan.changes)
-        if retune and plan.lr_factor != 1.0:
-            self.lr_adjust.scale(optimizer, lr_scheduler, plan.lr_factor)
-        if retune and plan.rewarm_steps > 0 and step is not None:
-            self.lr_adjust.start_rewarm(step, plan.rewarm_steps)
-        self.plan_history.append({"step": step, **plan.to_dict(), "skipped": skipped})
-        if distributed.world()[0] == 0:  # every process skips the same change; one warns
-            for message in skipped:
-                warnings.warn(message, stacklevel=2)
-        return skipped
-
-    @staticmethod
-    def _apply_change(layer: LowRankLinear, change: LayerChange) -> None:
-        if change.op == "grow":
-            layer.grow(change.rank)
-        elif change.op == "truncate":
-            layer.truncate(change.rank, change.capacity)
-        elif change.op == "to_factorized":
-            layer.to_factorized(change.rank, change.capacity, ones=change.ones)
-        elif change.op == "to_dense":
-            layer.to_dense()
-        else:
-            layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
+    # -- reporting (hf_lowrank/reporting.py) ---------------------------------------------------
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and total parameters of the whole model (shared tensors counted once).
@@ -605,28 +369,46 @@ class LowRankModel(nn.Module):
         which is what a LoRA user reads as trainable; ``capacity`` is the difference, the
         components allocated for growth.
         """
-        seen: dict[int, nn.Parameter] = {id(p): p for p in self.parameters()}
-        total = sum(p.numel() for p in seen.values())
-        trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-        spare = sum(
-            (layer.capacity - layer.rank) * (layer.in_features + layer.out_features)
-            for layer in self.lowrank_layers().values()
-            if layer.mode != "dense" and layer.B is not None and layer.B.requires_grad
-        )
-        return {"trainable": trainable, "total": total, "active": trainable - spare, "capacity": spare}
+        return reporting.parameter_counts(self)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` as PEFT returns them; trainable counts the active ranks (see :meth:`parameter_counts`)."""
         counts = self.parameter_counts()
         return counts["active"], counts["total"]
 
-    def _counts_line(self, digits: int) -> str:
-        counts = self.parameter_counts()
-        spare = f" || allocated for growth: {counts['capacity']:,}" if counts["capacity"] else ""
-        return (
-            f"trainable params: {counts['active']:,}{spare} || all params: {counts['total']:,} || "
-            f"trainable%: {100 * counts['active'] / max(1, counts['total']):.{digits}f} || rank fraction: {self.rank_fraction():.3f}"
-        )
+    def layer_report(self) -> list[dict[str, Any]]:
+        """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
+        return reporting.layer_report(self)
+
+    def rank_fraction(self) -> float:
+        """Sum of active ranks over the sum of full ranks of the low-rank layers (dense counts as full)."""
+        return reporting.rank_fraction(self)
+
+    def summary(self) -> str:
+        """A readable table of the layers and the parameter counts."""
+        return reporting.summary(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
+
+        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
+        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
+        """
+        print(reporting.counts_line(self, 4))
+
+    # -- conversion and adapters ---------------------------------------------------------------
+
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every low-rank layer by a plain ``nn.Linear`` / ``Conv1D`` with the same function.
+
+        Returns the wrapped transformers model, which no longer needs hf_lowrank.
+        """
+        for name, layer in self.lowrank_layers().items():
+            parent, _, child = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent), child, layer.to_base_module())
+        for p in self.base_model.parameters():
+            p.requires_grad_(True)
+        return self.base_model
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -666,66 +448,6 @@ class LowRankModel(nn.Module):
             )
         with self.disable_adapter():
             return self.merge_and_unload()
-
-    def layer_report(self) -> list[dict[str, Any]]:
-        """One row per low-rank layer: name, mode, rank, capacity, full rank, parameters."""
-        rows = []
-        for name, layer in self.lowrank_layers().items():
-            counts = layer.num_parameters()
-            rows.append(
-                {
-                    "layer": name,
-                    "mode": layer.mode,
-                    "rank": layer.rank if layer.mode != "dense" else layer.full_rank,
-                    "capacity": layer.capacity,
-                    "full_rank": layer.full_rank,
-                    "shape": f"{layer.out_features}x{layer.in_features}",
-                    "trainable": counts["trainable"],
-                    "total": counts["total"],
-                }
-            )
-        return rows
-
-    def rank_fraction(self) -> float:
-        """Sum of active ranks over the sum of full ranks of the low-rank layers (dense counts as full)."""
-        rows = self.layer_report()
-        return sum(r["rank"] for r in rows) / max(1, sum(r["full_rank"] for r in rows))
-
-    def summary(self) -> str:
-        """A readable table of the layers and the parameter counts."""
-        rows = self.layer_report()
-        width = max([len(r["layer"]) for r in rows] + [5])
-        lines = [f"{'layer':<{width}}  {'mode':<10} {'rank':>5} {'cap':>5} {'full':>5}  {'shape':>11} {'params':>10}"]
-        for r in rows:
-            cap = "-" if r["capacity"] is None else r["capacity"]
-            lines.append(
-                f"{r['layer']:<{width}}  {r['mode']:<10} {r['rank']:>5} {cap:>5} {r['full_rank']:>5}  "
-                f"{r['shape']:>11} {r['total']:>10,}"
-            )
-        lines.append(self._counts_line(2))
-        return "\n".join(lines)
-
-    def print_trainable_parameters(self) -> None:
-        """Print one line of parameter counts, as PEFT does (``summary()`` has the per-layer table).
-
-        ``trainable params`` counts the active ranks, as a LoRA user reads it; factor components
-        allocated beyond them (InRank's growth room) are shown apart as ``allocated for growth``.
-        """
-        print(self._counts_line(4))
-
-    # -- conversion ----------------------------------------------------------------------------
-
-    def merge_and_unload(self) -> nn.Module:
-        """Replace every low-rank layer by a plain ``nn.Linear`` / ``Conv1D`` with the same function.
-
-        Returns the wrapped transformers model, which no longer needs hf_lowrank.
-        """
-        for name, layer in self.lowrank_layers().items():
-            parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, layer.to_base_module())
-        for p in self.base_model.parameters():
-            p.requires_grad_(True)
-        return self.base_model
 
     # -- persistence (hf_lowrank/saving.py) -----------------------------------------------------
 

@@ -285,7 +285,7 @@ class LowRankTrainer(Trainer):
             )
         self.optimizer, self.lr_scheduler, self._created_lr_scheduler = None, None, False
         self.model.strategy = self.strategy = type(self.strategy)(self.model.lowrank_config)
-        self.model._bound = False
+        self.model._driver.bound = False  # the new strategy is bound again on the checkpoint's run
         self.nonfinite_in_a_row, self.nonfinite_steps = 0, []
         self.model_wrapped, self._rewrapped = self.model, False
 
