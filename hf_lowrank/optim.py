@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import private_torch
-from .config import FACTOR_WEIGHT_DECAY, REBALANCE_MOMENTS
+from .config import FACTOR_WEIGHT_DECAY, PRECONDITION_DAMPING, REBALANCE_MOMENTS
 from .layer import LowRankLinear
 
 FACTORS = ("A", "B")
@@ -130,9 +130,6 @@ def add_frobenius_decay(optimizer: Any, layers: Callable[[], dict[str, LowRankLi
             layer.A.grad[:k].add_((B.T @ B) @ A, alpha=lam)
 
     return inner_optimizer(optimizer).register_step_pre_hook(hook)
-
-
-PRECONDITION_DAMPING = 1e-6  # default of LowRankConfig.precondition_damping
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
