@@ -23,6 +23,7 @@ from .checks import check_int, is_number
 from .config import REBALANCE_EVERY
 from .layer import LowRankLinear
 from .strategies import LayerChange, Plan, StateContext, TrainContext, UnavailableStrategy
+from .strategies.base import TOKENS_PER_BATCH
 
 if TYPE_CHECKING:
     from .model import LowRankModel
@@ -112,7 +113,7 @@ class TrainingDriver:
         warn: Any = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        tokens_per_batch: int = 2048,
+        tokens_per_batch: int = TOKENS_PER_BATCH,
     ) -> None:
         """``LowRankModel.bind_training``."""
         model = self.model

@@ -21,6 +21,7 @@ from .config import LowRankConfig
 from .driver import TrainingDriver
 from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
 from .strategies import Plan, RankStrategy, UnavailableStrategy, find_strategy, get_strategy
+from .strategies.base import TOKENS_PER_BATCH
 from .targets import check_not_tied, find_target_modules
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
@@ -251,7 +252,7 @@ class LowRankModel(nn.Module):
         warn: Any = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        tokens_per_batch: int = 2048,
+        tokens_per_batch: int = TOKENS_PER_BATCH,
     ) -> None:
         """Tell the strategy how long the run is; call once before the first step (and again after a resume).
 

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 OPS = ("grow", "truncate", "to_factorized", "to_dense", "to_residual")
 
 
+# tokens in one micro-batch on one process when the loop does not say (Cuttlefish profiles layers at this size)
+TOKENS_PER_BATCH = 2048
+
+
 @dataclass
 class StrategyArgs:
     """Base of each strategy's typed settings; subclasses validate in ``check``."""
@@ -130,7 +134,7 @@ class TrainContext:
     warn: Callable[[str], None] = print
     device: str = "cpu"
     dtype: Any = None  # training compute dtype (bf16 under autocast), for profiling
-    tokens_per_batch: int = 2048  # tokens in one micro-batch on one process, for profiling
+    tokens_per_batch: int = TOKENS_PER_BATCH  # tokens in one micro-batch on one process, for profiling
 
 
 @dataclass
