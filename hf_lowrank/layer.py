@@ -323,7 +323,7 @@ class LowRankLinear(nn.Module):
             self.bias.requires_grad_(False)
 
     @torch.no_grad()
-    def set_layout(self, spec: LayerSpec) -> None:
+    def set_spec(self, spec: LayerSpec) -> None:
         """Allocate parameters of ``spec``'s shapes (values to be loaded next, e.g. from a checkpoint)."""
         if spec.mode not in ("dense", "factorized", "residual"):
             raise ValueError(f"unknown mode {spec.mode!r} in a rank pattern; expected dense, factorized or residual.")

@@ -113,9 +113,9 @@ class LowRankModel(nn.Module):
             if config.rank_pattern:
                 spec = LayerSpec(**config.rank_pattern[name])
                 if spec.mode == "factorized" and layer.mode == "dense" and not self._weights_follow:
-                    self._factorize_keeping(name, layer, spec)  # set_layout would zero B: the layer's function lost
+                    self._factorize_keeping(name, layer, spec)  # set_spec would zero B: the layer's function lost
                 else:
-                    layer.set_layout(spec)
+                    layer.set_spec(spec)
             else:
                 self._initialise(name, layer)
             parent, _, child = name.rpartition(".")
@@ -358,7 +358,7 @@ class LowRankModel(nn.Module):
         if unknown:
             raise ValueError(f"rank pattern names layers this model does not have: {unknown[:5]}")
         for name, spec in pattern.items():
-            layers[name].set_layout(LayerSpec(**spec))
+            layers[name].set_spec(LayerSpec(**spec))
 
     # -- reporting (hf_lowrank/reporting.py) ---------------------------------------------------
 

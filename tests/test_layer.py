@@ -331,8 +331,8 @@ SPECS = [LayerSpec("dense"), LayerSpec("factorized", 3, 7, 1.0), LayerSpec("resi
 @pytest.mark.parametrize("target", SPECS, ids=lambda s: s.mode)
 def test_set_layout_allocates_the_spec(kind, start, target):
     _, layer = wrap(kind)
-    layer.set_layout(start)
-    layer.set_layout(target)
+    layer.set_spec(start)
+    layer.set_spec(target)
     assert layer.spec == target
     has_bias = layer.bias is not None
     if target.mode == "dense":
@@ -349,7 +349,7 @@ def test_set_layout_allocates_the_spec(kind, start, target):
 
 def test_set_layout_refuses_an_unknown_mode(kind):
     with pytest.raises(ValueError, match="unknown mode 'lowrank'"):
-        wrap(kind)[1].set_layout(LayerSpec("lowrank", 2, 2))
+        wrap(kind)[1].set_spec(LayerSpec("lowrank", 2, 2))
 
 
 # -- conversion back --------------------------------------------------------------------------
@@ -380,13 +380,13 @@ BAD_SIZES = [(0, None), (5, 3), (17, None), (4, 17)]  # rank 0, rank > capacity,
 
 
 @pytest.mark.parametrize("rank,capacity", BAD_SIZES)
-@pytest.mark.parametrize("op", ["init_factorized", "to_factorized", "to_residual", "truncate", "set_layout"])
+@pytest.mark.parametrize("op", ["init_factorized", "to_factorized", "to_residual", "truncate", "set_spec"])
 def test_sizes_beyond_the_layer_are_refused(op, rank, capacity):
     _, layer = wrap(("linear", True))
     if op == "truncate":
         layer.to_factorized(layer.full_rank)
-    if op == "set_layout":
-        call = lambda: layer.set_layout(LayerSpec("factorized", rank, capacity or rank))  # noqa: E731
+    if op == "set_spec":
+        call = lambda: layer.set_spec(LayerSpec("factorized", rank, capacity or rank))  # noqa: E731
     else:
         call = lambda: getattr(layer, op)(rank, capacity)  # noqa: E731
     with pytest.raises(ValueError, match=r"need 1 <= rank <= capacity <= 16"):

@@ -145,7 +145,7 @@ def test_architectures_must_name_a_model_class(tmp_path, monkeypatch):
 
 
 def test_a_saved_rank_pattern_on_a_new_model_keeps_the_function_it_can(tmp_path):
-    """It used to go through set_layout, which set B = 0 without a word (||W|| 2.54 -> ||B A|| 0.0)."""
+    """It used to go through set_spec, which set B = 0 without a word (||W|| 2.54 -> ||B A|| 0.0)."""
     saved = get_lowrank_model(build("gpt2"), LowRankConfig(target_modules=["c_fc"], rank=4))
     saved.save_pretrained(tmp_path / "m")
     config = LowRankConfig.from_pretrained(tmp_path / "m")
