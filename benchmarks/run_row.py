@@ -91,10 +91,18 @@ def process_peak_bytes() -> int:
 
 
 class Recorder(transformers.TrainerCallback):
-    """Clocks (evaluation excluded), the layout each step ran with, and the log history with ranks."""
+    """Readings of the recipe's training clock, the layout each step ran with, and the log history with ranks.
+
+    ``self.clock`` is :func:`hf_lowrank.recipe.run_clock` (evaluation excluded, the GPU
+    synchronised before each reading), handed to ``train_one`` before this callback so it has
+    taken an evaluation out before this one reads it; the run's training seconds are its own.
+    """
 
     def __init__(self, skip_steps: int, device: str, seq_len: int):
+        from hf_lowrank.recipe import run_clock
+
         self.skip_steps, self.device, self.seq_len = skip_steps, device, seq_len
+        self.clock = run_clock(sync=torch.cuda.synchronize if device == "cuda" else None)
         self.history: list[dict[str, Any]] = []
         self.changes: list[dict[str, Any]] = []  # {"step", "layout"}: the layout steps >= step ran with
         self.eval_seconds = 0.0
@@ -105,8 +113,8 @@ class Recorder(transformers.TrainerCallback):
             torch.cuda.synchronize()
 
     def _entry(self, step: int, model) -> dict[str, Any]:
-        wall = time.perf_counter() - self.start
-        return {"step": step, "wall_seconds": wall, "train_seconds": wall - self.eval_seconds, "layers": _layers(model)}
+        train = self.clock.seconds
+        return {"step": step, "wall_seconds": time.perf_counter() - self.start, "train_seconds": train, "layers": _layers(model)}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.device == "cuda":
@@ -116,7 +124,7 @@ class Recorder(transformers.TrainerCallback):
         self.dense_layout = layout(model)
         self._sync()
         self.start = time.perf_counter()
-        self.steady_start = self.steady_eval_start = None
+        self.steady_start = None
         self.history.append(self._entry(0, model))
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -126,8 +134,7 @@ class Recorder(transformers.TrainerCallback):
             if state.global_step > 0:  # a rank decision took effect: log the new ranks at the exact step
                 self.history.append(self._entry(state.global_step, model))
         if state.global_step == self.skip_steps:
-            self._sync()
-            self.steady_start, self.steady_eval_start = time.perf_counter(), self.eval_seconds
+            self.steady_start = self.clock.seconds
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if "eval_loss" not in logs and "loss" not in logs:
@@ -143,13 +150,11 @@ class Recorder(transformers.TrainerCallback):
         self.history.append(entry)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._sync()
-        end = time.perf_counter()
         self.ended = True
         self.peak_memory = peak_memory_bytes(self.device)
         self.process_peak = process_peak_bytes()
-        self.train_seconds = end - self.start - self.eval_seconds
-        self.steady_seconds = end - self.steady_start - (self.eval_seconds - self.steady_eval_start)
+        self.train_seconds = self.clock.seconds  # stopped by its own on_train_end, which runs first
+        self.steady_seconds = self.train_seconds - self.steady_start
         self.final_entry = {**self._entry(state.global_step, model), "train_seconds": self.train_seconds}
         self.final_layout = layout(model)
         self.strategy_state = model.strategy.state_dict() if _lowrank(model) else {}
@@ -192,7 +197,7 @@ def run_row(row: Row, scale: Scale, row_dir: Path, order: int = 0, overrides: di
     row_dir.mkdir(parents=True, exist_ok=True)
     # The trained model is not kept: a benchmark row measures, and GPT-2 small is 0.4 GB a row.
     with tempfile.TemporaryDirectory(prefix="trainer-", dir=row_dir) as tmp, compiled(scale.compile_backend if row.compiled else None):
-        result = train_one(opts, row.lowrank, tmp, tokenizer, data, labels, callbacks=[recorder, memory])
+        result = train_one(opts, row.lowrank, tmp, tokenizer, data, labels, callbacks=[recorder.clock, recorder, memory])
 
     tokens_per_step = opts.per_device_train_batch_size * opts.block_size * opts.gradient_accumulation_steps * result["world_size"]
     steady_steps = opts.max_steps - scale.skip_steps

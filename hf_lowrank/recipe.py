@@ -345,42 +345,54 @@ def _refused(build) -> bool:
     return False
 
 
-def _run_clock():
-    """A callback timing the whole run's training (evaluation excluded), carried across resumes.
+def run_clock(sync=None):
+    """The one training clock: a Trainer callback counting the run's training seconds (evaluation excluded).
 
     Its state rides in the checkpoint's ``trainer_state.json`` (``stateful_callbacks``), so a
-    resumed run adds to the seconds the earlier sessions spent.
+    resumed run adds to the seconds the earlier sessions spent. ``clock.seconds`` reads it at
+    any time (the benchmarks read it at every log and at the steady-state start); ``sync``
+    (e.g. ``torch.cuda.synchronize``) runs before each reading so queued GPU work is counted.
+    :func:`train_one` uses the clock it is given among its callbacks, or makes one.
     """
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 
     class RunClock(TrainerCallback, ExportableState):
+        is_run_clock = True  # train_one uses a clock given among its callbacks
+
         def __init__(self, seconds: float = 0.0):
-            self.seconds = seconds
+            self._seconds = seconds
             self._since: float | None = None
 
-        def _tick(self) -> None:
+        @property
+        def seconds(self) -> float:
+            """Training seconds so far (this session and those before a resume)."""
             if self._since is not None:
+                if sync is not None:
+                    sync()
                 now = time.perf_counter()
-                self.seconds += now - self._since
+                self._seconds += now - self._since
                 self._since = now
+            return self._seconds
 
         def on_train_begin(self, args, state, control, **kwargs):
-            saved = state.stateful_callbacks.get(type(self).__name__)  # restored with the trainer state on resume
-            self.seconds = saved["args"]["seconds"] if isinstance(saved, dict) else 0.0
+            saved = state.stateful_callbacks.get("RunClock")  # restored with the trainer state on resume
+            self._seconds = saved["args"]["seconds"] if isinstance(saved, dict) else 0.0
+            if sync is not None:
+                sync()
             self._since = time.perf_counter()
 
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            if self._since is not None:  # a periodic evaluation is not training; one after training is not counted anyway
-                self._tick()
-                self.seconds -= (metrics or {}).get("eval_runtime", 0.0)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # an evaluation logs its runtime once, before anyone reads the clock for it; one after
+            # training (the clock stopped) is not counted anyway
+            if self._since is not None and "eval_runtime" in (logs or {}):
+                self._seconds = self.seconds - logs["eval_runtime"]
 
         def on_train_end(self, args, state, control, **kwargs):
-            self._tick()
+            self._seconds = self.seconds
             self._since = None
 
         def state(self) -> dict[str, Any]:
-            self._tick()
             return {"args": {"seconds": self.seconds}, "attributes": {}}
 
     return RunClock()
@@ -428,7 +440,8 @@ def train_one(
     else:
         model, trainer_class = get_lowrank_model(base, config), LowRankTrainer
     initial_pattern = {} if config is None else model.rank_pattern()  # the layout at step 0, which the rank plot starts from
-    clock = _run_clock()
+    given = [c for c in callbacks or [] if getattr(c, "is_run_clock", False)]
+    clock = given[0] if given else run_clock()
     trainer = trainer_class(
         model=model,
         args=training_arguments(opts, output_dir),
@@ -436,7 +449,7 @@ def train_one(
         eval_dataset=data["validation"],
         processing_class=tokenizer,
         compute_metrics=_compute_metrics_fn() if opts.task == "classification" else None,
-        callbacks=[clock, *(callbacks or [])],
+        callbacks=[*([] if given else [clock]), *(callbacks or [])],
     )
     train_out = trainer.train(resume_from_checkpoint=opts.resume_from_checkpoint)
     metrics = _final_metrics(trainer)

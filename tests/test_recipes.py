@@ -314,14 +314,17 @@ def test_speed_of_a_model_against_itself_and_a_factorized_copy():
 def test_run_clock_counts_training_not_evaluation():
     """Periodic evaluations are taken out; the final one, after training, never counted."""
     state = types.SimpleNamespace(stateful_callbacks={"RunClock": {"args": {"seconds": 5.0}, "attributes": {}}})
-    clock = recipe_module._run_clock()
+    clock = recipe_module.run_clock()
     clock.on_train_begin(None, state, None)  # resumed: 5 s of earlier sessions
     time.sleep(0.05)
-    clock.on_evaluate(None, state, None, metrics={"eval_runtime": 0.02})
+    clock.on_log(None, state, None, logs={"eval_loss": 3.0, "eval_runtime": 0.02})
+    during = clock.seconds
+    assert 5.02 < during < 5.5, "read between logs: the evaluation is already taken out"
+    clock.on_log(None, state, None, logs={"loss": 3.0})  # a training log takes nothing out
     clock.on_train_end(None, state, None)
     after_training = clock.seconds
-    assert 5.02 < after_training < 5.5
-    clock.on_evaluate(None, state, None, metrics={"eval_runtime": 3.0})
+    assert during <= after_training < 5.5
+    clock.on_log(None, state, None, logs={"eval_loss": 3.0, "eval_runtime": 3.0})
     assert clock.seconds == after_training and clock.state() == {"args": {"seconds": after_training}, "attributes": {}}
 
 
