@@ -668,13 +668,3 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_pat
     with pytest.raises(OSError, match="output_dir=.* cannot be written"):
         trainer.train()
     assert trainer.state.global_step == 0
-
-
-def test_saved_folders_follow_the_umask(tmp_path):
-    """atomic_directory's temporary is made 0700 by mkdtemp; the saved folder gets the umask's mode like any mkdir."""
-    previous = os.umask(0o027)
-    try:
-        get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).save_pretrained(tmp_path / "m")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750

@@ -1,8 +1,9 @@
-"""Crashes, atomic writes, numerical faults, bad input, and memory over a long run of rank changes.
+"""Crashes, numerical faults, bad input, and memory over a long run of rank changes.
 
 The crash tests run tests/helpers_train.py in a subprocess, stop it at a chosen point and kill
 it with SIGKILL; the reference and resumed runs are the same code run in-process. NaN losses,
-failing transitions, full disks and damaged checkpoints in a training run: tests/test_faults.py.
+failing transitions, full disks and damaged checkpoints in a training run: tests/test_faults.py;
+atomic writes of files and folders: tests/test_files.py.
 """
 
 import gc
@@ -29,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import hf_lowrank
 import hf_lowrank.layer
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
-from hf_lowrank.files import atomic_directory, read_json, write_json, write_safetensors
+from hf_lowrank.files import read_json, write_json
 from hf_lowrank.layer import LowRankLinear
 from hf_lowrank.strategies import REGISTRY, LayerChange, Plan, RankStrategy, StrategyArgs, TrainContext
 from hf_lowrank.strategies.inrank import InRank
@@ -100,41 +101,6 @@ def test_sigkill_during_a_checkpoint_save_leaves_the_previous_one(tmp_path, refe
     resumed = run(out, resume=last)
     assert_same_run(resumed, reference, after=4)
     assert not list(out.glob(".staging-*")), "the stale staging folder is removed when training starts again"
-
-
-def test_atomic_directory_keeps_the_old_contents_on_error(tmp_path):
-    target = tmp_path / "model"
-    with atomic_directory(target) as tmp:
-        (tmp / "weights").write_text("first")
-    with pytest.raises(RuntimeError, match="crash"):
-        with atomic_directory(target) as tmp:
-            (tmp / "weights").write_text("second, half")
-            raise RuntimeError("crash while saving")
-    assert (target / "weights").read_text() == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["model"], "the temporary folder is removed"
-    with atomic_directory(target) as tmp:
-        (tmp / "weights").write_text("third")
-    assert (target / "weights").read_text() == "third" and [p.name for p in tmp_path.iterdir()] == ["model"]
-
-
-def test_write_json_and_write_safetensors_keep_the_old_file_on_error(tmp_path, monkeypatch):
-    write_json(tmp_path / "state.json", {"step": 1})
-    with pytest.raises(TypeError):
-        write_json(tmp_path / "state.json", {"step": object()})  # not serialisable
-    assert read_json(tmp_path / "state.json") == {"step": 1}
-
-    write_safetensors(tmp_path / "w.safetensors", {"a": torch.ones(2)})
-
-    def save_half(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\x00" * 7)  # a truncated file, then the crash
-        raise OSError("disk full")
-
-    monkeypatch.setattr(hf_lowrank.files, "save_file", save_half)
-    with pytest.raises(OSError, match="disk full"):
-        write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
-    monkeypatch.undo()
-    assert torch.equal(hf_lowrank.files.read_safetensors(tmp_path / "w.safetensors")["a"], torch.ones(2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "w.safetensors"], "no temporary file left"
 
 
 # -- numerical faults ------------------------------------------------------------------------
