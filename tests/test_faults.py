@@ -28,6 +28,7 @@ from helpers_train import TokenDataset, build_trainer, tiny_gpt2
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_lowrank.files
+import hf_lowrank.layer
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
 from hf_lowrank.files import LOCK_NAME, TEMP_MARKER, read_json, read_safetensors, run_lock, write_json
 from hf_lowrank.strategies import LayerChange, Plan
@@ -71,6 +72,23 @@ def break_linalg(monkeypatch, function: str, fault: str, when=lambda: True) -> l
         return tuple(out)
 
     monkeypatch.setattr(torch.linalg, function, broken)
+    return failed
+
+
+def break_layer_svds(monkeypatch, layer) -> list[str]:
+    """Make ``hf_lowrank.layer``'s ``factor_svdvals`` (growth checks) and ``factor_svd`` (truncation) raise
+    ``LinAlgError`` for ``layer`` only. Returns the list of failed calls."""
+    failed = []
+    for function in ("factor_svdvals", "factor_svd"):
+        real = getattr(hf_lowrank.layer, function)
+
+        def broken(B, A, real=real, function=function):
+            if B.data_ptr() != layer.B.data_ptr():
+                return real(B, A)
+            failed.append(function)
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+        monkeypatch.setattr(hf_lowrank.layer, function, broken)
     return failed
 
 
@@ -170,6 +188,11 @@ def same(a: dict, b: dict) -> bool:
     return True
 
 
+def part(snapshot: dict, layers: set[str]) -> dict:
+    """The entries of a snapshot that belong to ``layers``."""
+    return {name: value for name, value in snapshot.items() if any(f"{layer}." in name for layer in layers)}
+
+
 # -- a failing SVD or QR inside a transition --------------------------------------------------
 
 
@@ -230,9 +253,12 @@ def low_rank_weights(trainer: LowRankTrainer) -> None:
         ("inrank_stage2", "qr", "raise"),
         ("cuttlefish_switch", "svd", "raise"),
         ("warm_start_switch", "svd", "nan"),
+        ("inrank_stage2", "factor_svd", "one_layer"),  # one layer's growth checks and truncation, all run long
     ],
 )
 def test_training_goes_on_when_the_svd_of_a_transition_fails(tmp_path, monkeypatch, transition, function, fault):
+    """Every layer's SVD fails at the transition, or one layer's at every check: the run finishes, the
+    broken layers keep their layout, tensors and optimizer state, the others change."""
     lowrank, step, op = TRANSITIONS[transition]
     out = tmp_path / "run"
     trainer = build_trainer(out, lowrank, max_steps=8)
@@ -240,20 +266,40 @@ def test_training_goes_on_when_the_svd_of_a_transition_fails(tmp_path, monkeypat
         low_rank_weights(trainer)
     snapshot = Snapshot(trainer, step)
     trainer.add_callback(snapshot)
-    failed = break_linalg(monkeypatch, function, fault, when=lambda: trainer.state.global_step == step)
+    layers = trainer.model.lowrank_layers()
+    start = {n: layer.spec for n, layer in layers.items()}
+    if fault == "one_layer":
+        failed = break_layer_svds(monkeypatch, layers[MLP])
+        broken = {MLP}
+    else:
+        failed = break_linalg(monkeypatch, function, fault, when=lambda: trainer.state.global_step == step)
+        broken = set(layers)
     messages = recorded(trainer)
 
     layers = trainer.model.lowrank_layers()
+    healthy = sorted(set(layers) - broken)
     assert failed, "the fault was hit"
     skipped = [m for m in messages if f"{op} of " in m and "skipped: its SVD failed" in m]
-    assert len(skipped) == len(layers), messages
-    assert snapshot.taken["ranked_specs"] == snapshot.taken["specs"], "every layer kept its layout"
-    assert same(snapshot.taken["ranked"], snapshot.taken["after"]), "and its tensors and optimizer state"
+    assert len(skipped) == len(broken), messages
+    specs, ranked_specs = snapshot.taken["specs"], snapshot.taken["ranked_specs"]
+    assert {n: ranked_specs[n] for n in broken} == {n: specs[n] for n in broken}, "every broken layer kept its layout"
+    ranked, after = snapshot.taken["ranked"], snapshot.taken["after"]
+    if healthy:
+        ranked, after = part(ranked, broken), part(after, broken)
+    assert same(ranked, after), "and its tensors and optimizer state"
     (entry,) = [h for h in trainer.plan_history if h["step"] == step]
-    assert len(entry["skipped"]) == len(layers)
-    assert trainer.model.lr_adjust.factor == 1.0, "no layer changed, so the learning rate did not either"
+    assert len(entry["skipped"]) == len(broken)
+    if healthy:
+        assert any(f"SVD of {MLP}" in m and "failed" in m for m in messages), "its growth checks failed too"
+        assert layers[MLP].spec == start[MLP] and trainer.strategy.ranks[MLP] == 2, "it never grew"
+        for name in healthy:
+            layer = layers[name]
+            assert ranked_specs[name] != specs[name], f"{name} was truncated"
+            assert layer.rank == layer.capacity == trainer.strategy.ranks[name] > 2, "the others grew and were truncated"
+    else:
+        assert trainer.model.lr_adjust.factor == 1.0, "no layer changed, so the learning rate did not either"
     assert trainer.state.global_step == 8 and finite_losses(trainer)
-    assert {n: layer.spec for n, layer in layers.items()} == snapshot.taken["specs"], "not retried later"
+    assert {n: layers[n].spec for n in broken} == {n: specs[n] for n in broken}, "not retried later"
     assert_finite(trainer.model)
 
     trainer.save_model(str(out / "final"))
