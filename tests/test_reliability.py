@@ -249,9 +249,10 @@ def test_a_schedule_point_past_the_end_fails_before_the_first_step(tmp_path, str
     [
         ({"rank": 1000}, r"LowRankConfig\.rank=1000 is larger than min\(in_features, out_features\)=32"),
         ({"rank": 4, "capacity": 1000}, r"LowRankConfig\.capacity=1000 is larger than"),
-        ({"target_modules": ["not_a_layer"]}, r"LowRankConfig\.target_modules=\['not_a_layer'\].*matches no"),
-        ({"target_modules": r".*\.nothing_here$"}, r"LowRankConfig\.target_modules=.*matches no"),
-        ({"target_modules": ["c_fc"], "exclude_modules": ["c_fc"]}, r"LowRankConfig\.target_modules=.*matches no"),
+        ({"target_modules": ["not_a_layer"]}, r"LowRankConfig\.target_modules=\['not_a_layer'\].*matches no nn\.Linear / Conv1D.*c_fc"),
+        ({"target_modules": r".*\.nothing_here$"}, r"LowRankConfig\.target_modules=.*matches no nn\.Linear / Conv1D.*c_fc"),
+        ({"target_modules": ["c_fc"], "exclude_modules": ["c_fc"]}, r"LowRankConfig\.target_modules=.*matches no nn\.Linear / Conv1D.*c_fc"),
+        ({"target_modules": ["wte"]}, r"LowRankConfig\.target_modules=\['wte'\].*matches no nn\.Linear / Conv1D.*c_fc"),  # an embedding
     ],
 )
 def test_sizes_and_names_that_do_not_fit_the_model_are_refused(config, message):
@@ -280,7 +281,7 @@ def test_a_rank_pattern_too_large_for_its_layer_names_the_file(tmp_path):
     saved = read_json(tmp_path / "lowrank_config.json")
     saved["rank_pattern"][BROKEN].update(rank=1000, capacity=1000)
     write_json(tmp_path / "lowrank_config.json", saved)
-    with pytest.raises(ValueError, match=rf"lowrank_config\.json: rank_pattern\['{BROKEN}'\] has rank=1000, capacity=1000, not allowed") as e:
+    with pytest.raises(ValueError, match=rf"lowrank_config\.json: rank_pattern\['{BROKEN}'\] has rank=1000, capacity=1000, not allowed.*need 1 <= rank <= capacity <= 32") as e:
         LowRankModel.from_pretrained(tmp_path)
     assert raised_here(e)
 
