@@ -271,7 +271,6 @@ def test_trainer_gate(tmp_path, monkeypatch, backend, strategy, refused):
     assert "FSDP2" in str(error.value) and "DDP" in str(error.value) and repr(strategy) in str(error.value)
 
 
-@pytest.mark.slow
 def test_trainer_on_a_sharded_model(group, tmp_path):
     """LowRankTrainer's FSDP2 glue on a model sharded over one process (Accelerate shards on GPUs only).
 

@@ -365,6 +365,7 @@ def check_docs_run(runs: list[dict], world: int, wrapper: str) -> None:
     assert all(abs(r["eval_loss"] - runs[0]["eval_loss"]) < 1e-5 for r in runs), "DDP kept the processes' weights equal"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["pytorch", "accelerate"])
 def test_docs_loops_run_as_written_in_one_process(which, tmp_path):
     check_docs_run(run_docs_loop(which, tmp_path), 1, "LowRankModel")
