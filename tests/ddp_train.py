@@ -17,7 +17,7 @@ import torch
 import transformers
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import TokenDataset, tiny_gpt2  # noqa: E402
+from helpers_train import wide_gpt2, wide_tokens  # noqa: E402
 
 from hf_lowrank import LowRankConfig, get_lowrank_model  # noqa: E402
 from hf_lowrank.trainer import LowRankTrainer  # noqa: E402
@@ -28,14 +28,14 @@ def main(out: str, batch: int, resume: str | None, compile_: bool) -> None:
         target_modules=["c_fc", "c_proj"], exclude_modules=r".*attn.*", strategy="inrank",
         strategy_args={"warmup_steps": 4, "interval": 2, "stage2_at": 0.5},
     )
-    model = get_lowrank_model(tiny_gpt2(), config)
+    model = get_lowrank_model(wide_gpt2(), config)
     args = transformers.TrainingArguments(
         out, max_steps=16, per_device_train_batch_size=batch, learning_rate=3e-3, logging_steps=1,
         save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
         lr_scheduler_type="linear", ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
         ddp_find_unused_parameters=False, torch_compile=compile_, torch_compile_backend="eager" if compile_ else None,
     )
-    trainer = LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
+    trainer = LowRankTrainer(model=model, args=args, train_dataset=wide_tokens())
     writes = []  # model folders this process wrote (checkpoints): process 0 only
     save_pretrained = model.save_pretrained
 

@@ -21,12 +21,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-import transformers
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import TokenDataset  # noqa: E402
+from helpers_train import wide_gpt2, wide_tokens  # noqa: E402
 
 from hf_lowrank import LowRankConfig, get_lowrank_model, optim  # noqa: E402
 from hf_lowrank import fsdp as lowrank_fsdp  # noqa: E402
@@ -57,17 +56,8 @@ SCENARIOS = {
 }
 
 
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: runs compare step for step
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
 def build(scenario: str):
-    return get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, **SCENARIOS[scenario][0]))
+    return get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, **SCENARIOS[scenario][0]))  # no dropout: runs compare step for step
 
 
 def make_optimizer(model):
@@ -127,7 +117,7 @@ def train(model, opt, sched, data, start: int, rank: int, world: int, mode: str,
 def main(out: str, scenario: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = TokenDataset().x
+    data = wide_tokens().x
     save_at = SCENARIOS[scenario][1]
     folder = os.path.join(out, f"checkpoint-{save_at}")
     record = {}

@@ -7,7 +7,9 @@ Writes OUT/result.json (per-step losses, rank pattern, strategy state, plan step
 The pause options make a crash land exactly where a test wants it: the process writes
 OUT/paused-after-step-N (or OUT/paused-in-save-N, once checkpoint N's model files are in its
 staging folder but its optimizer and trainer state are not) and sleeps until it is killed.
-The tests import ``build_trainer`` and ``run`` to do the same runs in-process.
+The tests import ``build_trainer`` and ``run`` to do the same runs in-process, and the tiny models and
+token data every training test uses: ``tiny_gpt2`` and ``TokenDataset``, and the trainer tests' larger
+``wide_gpt2`` and ``wide_tokens`` (also imported by ddp_train.py and fsdp_train.py under torchrun).
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from hf_lowrank import LowRankConfig, get_lowrank_model  # noqa: E402
 from hf_lowrank.trainer import LowRankTrainer  # noqa: E402
 
 VOCAB, SEQ = 64, 16
+WIDE_VOCAB, WIDE_SEQ = 50, 32  # the trainer tests' sizes: wide_tokens(), wide_gpt2()
 RESULT = "result.json"
 
 
 class TokenDataset(torch.utils.data.Dataset):
     """Deterministic token sequences with learnable structure (odd tokens are a function of even ones)."""
 
-    def __init__(self, n: int = 128):
+    def __init__(self, n: int = 128, vocab: int = VOCAB, seq: int = SEQ, shift: int = 1):
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-        self.x[:, 1::2] = (self.x[:, 0::2] * 3 + 1) % VOCAB
+        self.x = torch.randint(0, vocab, (n, seq), generator=g)
+        self.x[:, 1::2] = (self.x[:, 0::2] * 3 + shift) % vocab
 
     def __len__(self) -> int:
         return len(self.x)
@@ -45,32 +48,61 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def tiny_gpt2(n_layer: int = 2, n_embd: int = 32) -> transformers.GPT2LMHeadModel:
-    """A seeded random-init GPT-2 of a few tens of thousands of parameters."""
+def wide_tokens(n: int = 256) -> TokenDataset:
+    """The trainer tests' data, for wide_gpt2(): sequences of 32 tokens out of 50, odd token = 3 x even token mod 50."""
+    return TokenDataset(n, WIDE_VOCAB, WIDE_SEQ, shift=0)
+
+
+def tiny_gpt2(
+    n_layer: int = 2, n_embd: int = 32, n_head: int = 2, vocab_size: int = VOCAB, n_positions: int = SEQ, dropout: float = 0.1
+) -> transformers.GPT2LMHeadModel:
+    """A seeded random-init GPT-2 of a few tens of thousands of parameters (``dropout``: GPT2Config's three rates,
+    0.1 as its default)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, n_positions=n_positions, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )
     return transformers.GPT2LMHeadModel(config)
 
 
-def build_trainer(out: str | os.PathLike, lowrank: dict | None = None, model=None, **training_args) -> LowRankTrainer:
-    """InRank (growth from step 2, stage 2 at half of training) on the MLPs of a tiny GPT-2 (or of ``model``)."""
+def wide_gpt2(dropout: float = 0.1) -> transformers.GPT2LMHeadModel:
+    """The trainer tests' model (tests/test_trainer.py, ddp_train.py, fsdp_train.py): 2 blocks 64 wide, 4 heads, for
+    wide_tokens(). ``dropout=0.0`` for runs compared step for step (FSDP2 against DDP, compiled against eager)."""
+    return tiny_gpt2(n_embd=64, n_head=4, vocab_size=WIDE_VOCAB, n_positions=WIDE_SEQ, dropout=dropout)
+
+
+def build_trainer(out: str | os.PathLike, lowrank: dict | None = None, model=None, wide: bool = False, **training_args) -> LowRankTrainer:
+    """InRank (stage 2 at half of training) on the MLPs of a tiny GPT-2 (or of ``model``) on synthetic tokens.
+
+    By default the resume and crash tests' run: tiny_gpt2() on TokenDataset(), growth checks from step 2, 16
+    optimizer steps of 2 x 4 sequences, a checkpoint every 4 steps. ``wide=True``: the trainer tests' run
+    (tests/test_trainer.py): wide_gpt2() on wide_tokens(), growth checks from step 4, 24 steps of 8 sequences,
+    logged every 4 steps, no checkpoints. ``lowrank`` and ``training_args`` override single settings.
+    """
     lowrank = {
         "target_modules": ["c_fc", "c_proj"],
         "exclude_modules": r".*attn.*",
         "strategy": "inrank",
-        "strategy_args": {"warmup_steps": 2, "interval": 2, "stage2_at": 0.5},
+        "strategy_args": {"warmup_steps": 4 if wide else 2, "interval": 2, "stage2_at": 0.5},
         **(lowrank or {}),
     }
-    model = get_lowrank_model(model if model is not None else tiny_gpt2(), LowRankConfig(**lowrank))
-    defaults = dict(
-        max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3,
-        weight_decay=0.1, lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=4,
-        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, bf16=False,
-    )
+    if model is None:
+        model = wide_gpt2() if wide else tiny_gpt2()
+    model = get_lowrank_model(model, LowRankConfig(**lowrank))
+    if wide:
+        defaults = dict(
+            max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=4, save_strategy="no",
+            report_to=[], use_cpu=True, seed=0, disable_tqdm=True, lr_scheduler_type="linear", weight_decay=0.1,
+        )
+    else:
+        defaults = dict(
+            max_steps=16, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3,
+            weight_decay=0.1, lr_scheduler_type="linear", logging_steps=1, save_strategy="steps", save_steps=4,
+            report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, bf16=False,
+        )
     args = transformers.TrainingArguments(str(out), **{**defaults, **training_args})
-    return LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
+    return LowRankTrainer(model=model, args=args, train_dataset=wide_tokens() if wide else TokenDataset())
 
 
 def record(trainer: LowRankTrainer) -> dict:

@@ -116,6 +116,7 @@ def test_time_to_quality_is_the_first_evaluation_at_the_target():
     assert never["step"] is None and never["train_seconds"] is None and never["flops"] is None
 
 
+@pytest.mark.slow
 def test_lr_sweep_reports_each_row_at_its_best_rate_and_keeps_every_point(tmp_path):
     rates = parse_rates("1e-3,8e-3")
     report = bench.run_benchmark("cpu", tmp_path, ["full", "inrank"], TINY, isolate=False, command="test", rates=rates)
@@ -308,6 +309,7 @@ def test_speed_by_width_prints_one_row_per_width(capsys):
         speed_widths(["--rank", "2"])
 
 
+@pytest.mark.slow
 def test_seeds_run_the_benchmark_per_seed_and_pair_ratios_by_seed(tmp_path):
     from benchmarks.report import paired_rows
 
@@ -328,6 +330,7 @@ def test_seeds_run_the_benchmark_per_seed_and_pair_ratios_by_seed(tmp_path):
         bench.parse_seeds("0,1", {"seed": 3})
 
 
+@pytest.mark.slow
 def test_price_plot_has_one_point_per_setting(tmp_path):
     from benchmarks.report import plot_price
 

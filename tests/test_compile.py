@@ -7,7 +7,7 @@ compiled step is checked against the uncompiled model: same loss, same gradients
 
 import pytest
 import torch
-from fsdp_train import tiny_gpt2
+from helpers_train import wide_gpt2, wide_tokens
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_lowrank import LowRankConfig, get_lowrank_model, optim
@@ -66,7 +66,7 @@ def step_matches_eager(model, compiled):
 
 @pytest.mark.slow
 def test_growth_within_capacity_does_not_recompile():
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, rank=2, capacity=16))
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, rank=2, capacity=16))
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     step_matches_eager(model, compiled)
@@ -101,7 +101,7 @@ def test_growth_within_capacity_does_not_recompile():
 @pytest.mark.slow
 def test_compiled_forward_cost_is_the_capacity():
     """What the mask costs: compiled, a layer multiplies at its capacity; eager, at its rank."""
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, rank=4, capacity=16))
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, rank=4, capacity=16))
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend)
     ids = batch()["input_ids"]
@@ -120,13 +120,12 @@ def test_compiled_forward_cost_is_the_capacity():
 def test_trainer_torch_compile_inrank(tmp_path):
     """TrainingArguments(torch_compile=True): InRank's growth steps reuse the graphs, stage 2 compiles once."""
     import transformers
-    from test_trainer import TokenDataset
     from torch._dynamo.utils import counters
 
     from hf_lowrank.trainer import LowRankTrainer
 
     config = LowRankConfig(**MLP, strategy="inrank", strategy_args={"warmup_steps": 2, "interval": 2, "stage2_at": 0.5})
-    model = get_lowrank_model(tiny_gpt2(), config)
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), config)
     args = transformers.TrainingArguments(
         str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=3e-3, save_strategy="no",
         report_to=[], use_cpu=True, seed=0, disable_tqdm=True, torch_compile=True, torch_compile_backend="eager",
@@ -137,7 +136,7 @@ def test_trainer_torch_compile_inrank(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             graphs[state.global_step] = counters["stats"]["unique_graphs"]
 
-    trainer = LowRankTrainer(model=model, args=args, train_dataset=TokenDataset(), callbacks=[Graphs()])
+    trainer = LowRankTrainer(model=model, args=args, train_dataset=wide_tokens(), callbacks=[Graphs()])
     trainer.train()
     growth = [h["step"] for h in trainer.plan_history if all(c["op"] == "grow" for c in h["changes"])]
     stage2 = next(h["step"] for h in trainer.plan_history if any(c["op"] == "truncate" for c in h["changes"]))

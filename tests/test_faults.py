@@ -28,6 +28,7 @@ from helpers_train import TokenDataset, build_trainer, tiny_gpt2
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_lowrank.files
+import hf_lowrank.layer
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model, optim
 from hf_lowrank.files import LOCK_NAME, TEMP_MARKER, read_json, read_safetensors, run_lock, write_json
 from hf_lowrank.strategies import LayerChange, Plan
@@ -72,6 +73,23 @@ def break_linalg(monkeypatch, function: str, fault: str, when=lambda: True) -> l
         return tuple(out)
 
     monkeypatch.setattr(torch.linalg, function, broken)
+    return failed
+
+
+def break_layer_svds(monkeypatch, layer) -> list[str]:
+    """Make ``hf_lowrank.layer``'s ``factor_svdvals`` (growth checks) and ``factor_svd`` (truncation) raise
+    ``LinAlgError`` for ``layer`` only. Returns the list of failed calls."""
+    failed = []
+    for function in ("factor_svdvals", "factor_svd"):
+        real = getattr(hf_lowrank.layer, function)
+
+        def broken(B, A, real=real, function=function):
+            if B.data_ptr() != layer.B.data_ptr():
+                return real(B, A)
+            failed.append(function)
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+        monkeypatch.setattr(hf_lowrank.layer, function, broken)
     return failed
 
 
@@ -171,6 +189,11 @@ def same(a: dict, b: dict) -> bool:
     return True
 
 
+def part(snapshot: dict, layers: set[str]) -> dict:
+    """The entries of a snapshot that belong to ``layers``."""
+    return {name: value for name, value in snapshot.items() if any(f"{layer}." in name for layer in layers)}
+
+
 # -- a failing SVD or QR inside a transition --------------------------------------------------
 
 
@@ -231,9 +254,12 @@ def low_rank_weights(trainer: LowRankTrainer) -> None:
         ("inrank_stage2", "qr", "raise"),
         ("cuttlefish_switch", "svd", "raise"),
         ("warm_start_switch", "svd", "nan"),
+        ("inrank_stage2", "factor_svd", "one_layer"),  # one layer's growth checks and truncation, all run long
     ],
 )
 def test_training_goes_on_when_the_svd_of_a_transition_fails(tmp_path, monkeypatch, transition, function, fault):
+    """Every layer's SVD fails at the transition, or one layer's at every check: the run finishes, the
+    broken layers keep their layout, tensors and optimizer state, the others change."""
     lowrank, step, op = TRANSITIONS[transition]
     out = tmp_path / "run"
     trainer = build_trainer(out, lowrank, max_steps=8)
@@ -241,20 +267,40 @@ def test_training_goes_on_when_the_svd_of_a_transition_fails(tmp_path, monkeypat
         low_rank_weights(trainer)
     snapshot = Snapshot(trainer, step)
     trainer.add_callback(snapshot)
-    failed = break_linalg(monkeypatch, function, fault, when=lambda: trainer.state.global_step == step)
+    layers = trainer.model.lowrank_layers()
+    start = {n: layer.spec for n, layer in layers.items()}
+    if fault == "one_layer":
+        failed = break_layer_svds(monkeypatch, layers[MLP])
+        broken = {MLP}
+    else:
+        failed = break_linalg(monkeypatch, function, fault, when=lambda: trainer.state.global_step == step)
+        broken = set(layers)
     messages = recorded(trainer)
 
     layers = trainer.model.lowrank_layers()
+    healthy = sorted(set(layers) - broken)
     assert failed, "the fault was hit"
     skipped = [m for m in messages if f"{op} of " in m and "skipped: its SVD failed" in m]
-    assert len(skipped) == len(layers), messages
-    assert snapshot.taken["ranked_specs"] == snapshot.taken["specs"], "every layer kept its layout"
-    assert same(snapshot.taken["ranked"], snapshot.taken["after"]), "and its tensors and optimizer state"
+    assert len(skipped) == len(broken), messages
+    specs, ranked_specs = snapshot.taken["specs"], snapshot.taken["ranked_specs"]
+    assert {n: ranked_specs[n] for n in broken} == {n: specs[n] for n in broken}, "every broken layer kept its layout"
+    ranked, after = snapshot.taken["ranked"], snapshot.taken["after"]
+    if healthy:
+        ranked, after = part(ranked, broken), part(after, broken)
+    assert same(ranked, after), "and its tensors and optimizer state"
     (entry,) = [h for h in trainer.plan_history if h["step"] == step]
-    assert len(entry["skipped"]) == len(layers)
-    assert trainer.model.lr_adjust.factor == 1.0, "no layer changed, so the learning rate did not either"
+    assert len(entry["skipped"]) == len(broken)
+    if healthy:
+        assert any(f"SVD of {MLP}" in m and "failed" in m for m in messages), "its growth checks failed too"
+        assert layers[MLP].spec == start[MLP] and trainer.strategy.ranks[MLP] == 2, "it never grew"
+        for name in healthy:
+            layer = layers[name]
+            assert ranked_specs[name] != specs[name], f"{name} was truncated"
+            assert layer.rank == layer.capacity == trainer.strategy.ranks[name] > 2, "the others grew and were truncated"
+    else:
+        assert trainer.model.lr_adjust.factor == 1.0, "no layer changed, so the learning rate did not either"
     assert trainer.state.global_step == 8 and finite_losses(trainer)
-    assert {n: layer.spec for n, layer in layers.items()} == snapshot.taken["specs"], "not retried later"
+    assert {n: layers[n].spec for n in broken} == {n: specs[n] for n in broken}, "not retried later"
     assert_finite(trainer.model)
 
     trainer.save_model(str(out / "final"))
@@ -669,37 +715,3 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_pat
     with pytest.raises(OSError, match="output_dir=.* cannot be written"):
         trainer.train()
     assert trainer.state.global_step == 0
-
-
-def test_saved_folders_follow_the_umask(tmp_path):
-    """atomic_directory's temporary is made 0700 by mkdtemp; the saved folder gets the umask's mode like any mkdir."""
-    previous = os.umask(0o027)
-    try:
-        get_lowrank_model(tiny_gpt2(), LowRankConfig(target_modules=["c_fc"], rank=4)).save_pretrained(tmp_path / "m")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
-
-
-def test_atomic_directory_nests_and_refuses_its_own_names(tmp_path):
-    """A save inside a save (fsdp.save_checkpoint calls save_pretrained into its staging folder) keeps the outer
-    container marked and leaves nothing hidden behind; an atomic write that fails leaves the old contents."""
-    from hf_lowrank.files import ASIDE_NAME, TEMP_MARKER, atomic_directory, is_marked
-
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
-    with atomic_directory(tmp_path / "out") as outer:
-        (outer / "a.txt").write_text("a")
-        with atomic_directory(outer) as inner:
-            (inner / "b.txt").write_text("b")
-        assert is_marked(outer.parent), "the outer container is still hf_lowrank's after the inner rename"
-        assert (outer / "b.txt").is_file() and not (outer / "a.txt").exists(), "the inner save replaced the folder whole"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.txt", "out"]
-    with pytest.raises(RuntimeError, match="boom"), atomic_directory(tmp_path / "out") as new:
-        (new / "c.txt").write_text("c")
-        raise RuntimeError("boom")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.txt", "out"]
-    for name in (TEMP_MARKER, ASIDE_NAME):
-        with pytest.raises(ValueError, match="hf_lowrank's own temporary names; choose another"):
-            with atomic_directory(tmp_path / name):
-                pass

@@ -23,7 +23,8 @@ from hf_lowrank.strategies import LayerChange, Plan
 
 sys.path.insert(0, os.path.dirname(__file__))
 import launch as launcher  # noqa: E402
-from fsdp_train import SCENARIOS, STEPS, tiny_gpt2  # noqa: E402
+from fsdp_train import SCENARIOS, STEPS  # noqa: E402
+from helpers_train import wide_gpt2, wide_tokens  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("fsdp_train.py")
 MLP = {"target_modules": ["c_fc", "c_proj"], "exclude_modules": r".*attn.*"}
@@ -101,7 +102,7 @@ def group(tmp_path):
 def sharded_model(config: dict):
     from torch.distributed.fsdp import fully_shard
 
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, **config))
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, **config))
     for block in model.base_model.transformer.h:
         fully_shard(block)
     fully_shard(model)
@@ -118,7 +119,7 @@ def train_step(model, opt):
 
 
 def test_plain_model_is_untouched():
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, rank=4))
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, rank=4))
     params = dict(model.named_parameters())
     assert not lowrank_fsdp.is_sharded(model)
     plan = Plan([LayerChange("transformer.h.0.mlp.c_fc", "truncate", rank=2)])
@@ -241,7 +242,6 @@ def test_checkpoint_round_trip_after_a_transition(group, tmp_path, written_by):
 def test_trainer_gate(tmp_path, monkeypatch, backend, strategy, refused):
     """Before training: shape-changing strategies are refused under DeepSpeed and FSDP1, with what to use instead."""
     import transformers
-    from test_trainer import TokenDataset
 
     from hf_lowrank.trainer import LowRankTrainer
 
@@ -255,17 +255,16 @@ def test_trainer_gate(tmp_path, monkeypatch, backend, strategy, refused):
     monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess", pretend)
     monkeypatch.setattr(LowRankTrainer, "_fsdp_version", lambda self: int(backend[-1]))
     args = {"strategy_args": {"rank": 0.25}} if strategy == "dynamic" else {}
-    model = get_lowrank_model(tiny_gpt2(), LowRankConfig(**MLP, strategy=strategy, **args))
+    model = get_lowrank_model(wide_gpt2(dropout=0.0), LowRankConfig(**MLP, strategy=strategy, **args))
     targs = transformers.TrainingArguments(str(tmp_path), max_steps=4, report_to=[], use_cpu=True)
     if refused is None:
-        LowRankTrainer(model=model, args=targs, train_dataset=TokenDataset())
+        LowRankTrainer(model=model, args=targs, train_dataset=wide_tokens())
         return
     with pytest.raises(ValueError, match=refused) as error:
-        LowRankTrainer(model=model, args=targs, train_dataset=TokenDataset())
+        LowRankTrainer(model=model, args=targs, train_dataset=wide_tokens())
     assert "FSDP2" in str(error.value) and "DDP" in str(error.value) and repr(strategy) in str(error.value)
 
 
-@pytest.mark.slow
 def test_trainer_on_a_sharded_model(group, tmp_path):
     """LowRankTrainer's FSDP2 glue on a model sharded over one process (Accelerate shards on GPUs only).
 
@@ -274,7 +273,6 @@ def test_trainer_on_a_sharded_model(group, tmp_path):
     regroups the optimizer before loading the weights into the shards.
     """
     import transformers
-    from test_trainer import TokenDataset
     from torch.distributed.tensor import DTensor
 
     from hf_lowrank import LowRankModel
@@ -287,7 +285,7 @@ def test_trainer_on_a_sharded_model(group, tmp_path):
             str(out), max_steps=8, per_device_train_batch_size=4, learning_rate=3e-3, save_strategy="steps",
             save_steps=8, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
         )
-        return LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
+        return LowRankTrainer(model=model, args=args, train_dataset=wide_tokens())
 
     model = sharded_model(inrank)
     trainer = trainer_for(model, tmp_path / "run")

@@ -305,7 +305,6 @@ def test_the_active_values_alone_give_another_rank():
     assert explained_ratio(s, 5, length=N) != pytest.approx(explained_ratio(s, 5), abs=1e-3)
 
 
-@pytest.mark.slow
 def test_kaiming_factors_of_a_gpt2_mlp_layer_give_the_authors_rank():
     """A 3072 x 768 layer at the authors' init (both factors Kaiming-uniform, capacity 384, r0 2, b 100):
     the spectrum from the factors, padded, gives the rank of the authors' SVD of the whole product."""

@@ -132,10 +132,11 @@ def test_a_schedule_that_barely_acts_warns():
 @pytest.mark.parametrize(
     "args, field",
     [({"warmup_steps": 1.5}, "warmup_steps"), ({"interval": 0.0}, "interval"), ({"interval": 0}, "interval"),
-     ({"inactive_init": "gaussian"}, "inactive_init"), ({"stage2_at": -1}, "stage2_at")],
+     ({"inactive_init": "gaussian"}, "inactive_init"), ({"stage2_at": -1}, "stage2_at"), ({"threshold": 2.0}, "threshold"),
+     ({"bogus": 1}, "bogus")],
 )
 def test_bad_args_name_the_field(args, field):
-    with pytest.raises(ValueError, match=rf"strategy_args\.{field}="):
+    with pytest.raises(ValueError, match=rf"strategy_args(\.{field}=| has unknown key\(s\) \['{field}'\])"):
         InRankArgs.from_dict(args)
 
 

@@ -1,7 +1,8 @@
 """One contract every strategy of the library keeps: layout, plans, state round trip, resume.
 
 Parametrized over the registry, so a strategy module added under hf_lowrank/strategies/ is
-tested here without editing this file.
+tested here without editing this file. Each strategy's own behaviour, its settings' validation
+and its schedule checks: tests/test_strategies_<name>.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from helpers_train import run
 
 from hf_lowrank import LowRankConfig, get_lowrank_model
-from hf_lowrank.strategies import OPS, REGISTRY, RankStrategy
+from hf_lowrank.strategies import OPS, REGISTRY, RankStrategy, get_strategy
 from hf_lowrank.strategies.base import StrategyArgs
 
 MEASURED = {"dense_s", "factorized_s", "speedup", "why"}  # wall-clock profiling (Cuttlefish): differs run to run
@@ -45,6 +46,7 @@ def test_every_builtin_strategy_is_registered():
 def test_declared_interface(name):
     cls = REGISTRY[name]
     assert issubclass(cls, RankStrategy) and cls.name == name
+    assert get_strategy(name) is cls, "a config's strategy name resolves to the registered class"
     assert isinstance(cls.changes_shapes, bool)
     assert issubclass(cls.Args, StrategyArgs) and cls.Args.from_dict({}) == cls.Args()
     assert cls.__doc__, "a strategy says what it does"

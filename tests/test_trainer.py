@@ -1,4 +1,7 @@
-"""LowRankTrainer with InRank: growth, stage 2, optimizer consistency, learning-rate changes."""
+"""LowRankTrainer with InRank: growth, stage 2, optimizer consistency, learning-rate changes.
+
+The runs are tests/helpers_train.py's ``build_trainer(..., wide=True)``: wide_gpt2() on wide_tokens().
+"""
 
 import math
 import os
@@ -6,54 +9,12 @@ import os
 import pytest
 import torch
 import transformers
+from helpers_train import build_trainer, wide_gpt2, wide_tokens
 
 from hf_lowrank import LowRankConfig, get_lowrank_model, optim
 from hf_lowrank.spectral import explained_ratio
 from hf_lowrank.strategies import LayerChange, Plan, TrainContext
 from hf_lowrank.strategies.inrank import InRank
-from hf_lowrank.trainer import LowRankTrainer
-
-VOCAB, SEQ = 50, 32
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    """Deterministic sequences with learnable structure (odd tokens are a function of even ones)."""
-
-    def __init__(self, n: int = 256):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-        self.x[:, 1::2] = (self.x[:, 0::2] * 3) % VOCAB
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=SEQ, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def make_trainer(tmp_path, lowrank: dict | None = None, model=None, **args):
-    lowrank = {
-        "target_modules": ["c_fc", "c_proj"],
-        "exclude_modules": r".*attn.*",
-        "strategy": "inrank",
-        "strategy_args": {"warmup_steps": 4, "interval": 2, "stage2_at": 0.5},
-        **(lowrank or {}),
-    }
-    model = get_lowrank_model(model if model is not None else tiny_gpt2(), LowRankConfig(**lowrank))
-    defaults = dict(
-        max_steps=24, per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=4, save_strategy="no",
-        report_to=[], use_cpu=True, seed=0, disable_tqdm=True, lr_scheduler_type="linear", weight_decay=0.1,
-    )
-    args = transformers.TrainingArguments(str(tmp_path / "run"), **{**defaults, **args})
-    return LowRankTrainer(model=model, args=args, train_dataset=TokenDataset())
 
 
 def check_optimizer_matches_model(trainer):
@@ -66,7 +27,7 @@ def check_optimizer_matches_model(trainer):
 
 
 def test_inrank_grows_then_freezes(tmp_path):
-    trainer = make_trainer(tmp_path)
+    trainer = build_trainer(tmp_path / "run", wide=True)
     start = {n: layer.rank for n, layer in trainer.model.lowrank_layers().items()}
     trainer.train()
     reasons = [h["reason"] for h in trainer.plan_history]
@@ -87,7 +48,7 @@ def test_inrank_grows_then_freezes(tmp_path):
 def test_growth_rule_matches_explained_ratio():
     """The new rank is the first k whose explained ratio exceeds the threshold; never shrinks."""
     lm = get_lowrank_model(
-        tiny_gpt2(),
+        wide_gpt2(),
         LowRankConfig(target_modules=["c_fc"], strategy="inrank", strategy_args={"buffer": 8, "warmup_steps": 0, "interval": 1, "stage2_at": None}, capacity=32),
     )
     strategy: InRank = lm.strategy
@@ -111,7 +72,7 @@ def test_growth_rule_matches_explained_ratio():
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
-    trainer = make_trainer(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    trainer = build_trainer(tmp_path / "run", wide=True, gradient_accumulation_steps=2, per_device_train_batch_size=4)
     trainer.train()
     assert trainer.plan_history[-1]["step"] == 12  # stage 2 at half of 24 optimizer steps
     check_optimizer_matches_model(trainer)
@@ -119,7 +80,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 def test_frobenius_decay_gradient(tmp_path):
     lam = 0.01
-    trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "rank": 8, "frobenius_decay": lam, "precondition": False})
+    trainer = build_trainer(tmp_path / "run", {"strategy": "fixed", "strategy_args": {}, "rank": 8, "frobenius_decay": lam, "precondition": False}, wide=True)
     trainer.create_optimizer()
     trainer.model.bind_training(10, trainer.optimizer)
     layer = next(iter(trainer.model.lowrank_layers().values()))
@@ -137,7 +98,7 @@ def test_frobenius_decay_gradient(tmp_path):
 
 
 def test_plan_regroups_optimizer_and_scales_lr(tmp_path):
-    trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}, "mode": "dense"}, max_steps=2)
+    trainer = build_trainer(tmp_path / "run", {"strategy": "fixed", "strategy_args": {}, "mode": "dense"}, wide=True, max_steps=2)
     trainer.train()
     opt = optim.inner_optimizer(trainer.optimizer)
     kept = trainer.model.base_model.transformer.wte.weight
@@ -156,7 +117,7 @@ def test_plan_regroups_optimizer_and_scales_lr(tmp_path):
 
 
 def test_rewarm_ramps_learning_rate(tmp_path):
-    trainer = make_trainer(tmp_path, {"strategy": "fixed", "strategy_args": {}}, max_steps=2, lr_scheduler_type="constant")
+    trainer = build_trainer(tmp_path / "run", {"strategy": "fixed", "strategy_args": {}}, wide=True, max_steps=2, lr_scheduler_type="constant")
     trainer.train()
     trainer.apply_plan(Plan(rewarm_steps=4), step=2)
     lrs = []
@@ -170,12 +131,12 @@ def test_rewarm_ramps_learning_rate(tmp_path):
 
 def test_finetune_pretrained_residual(tmp_path):
     """Residual InRank over frozen pretrained weights, from AutoModelForCausalLM.from_pretrained."""
-    tiny_gpt2().save_pretrained(tmp_path / "pretrained")
+    wide_gpt2().save_pretrained(tmp_path / "pretrained")
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
-    x = TokenDataset(2).x
+    x = wide_tokens(2).x
     reference = base(x).logits
     pretrained_fc = base.transformer.h[0].mlp.c_fc.weight.detach().T.clone()
-    trainer = make_trainer(tmp_path, {"mode": "residual"}, model=base, max_steps=12)
+    trainer = build_trainer(tmp_path / "run", {"mode": "residual"}, base, wide=True, max_steps=12)
     wrapped = trainer.model.eval()
     torch.testing.assert_close(wrapped(x).logits, reference)
     trainer.train()
@@ -190,7 +151,7 @@ def test_rank_curves_reach_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    trainer = make_trainer(tmp_path, report_to=["tensorboard"], logging_steps=2)
+    trainer = build_trainer(tmp_path / "run", wide=True, report_to=["tensorboard"], logging_steps=2)
     trainer.train()
     runs = [root for root, _, files in os.walk(tmp_path / "run") if any("tfevents" in f for f in files)]
     events = EventAccumulator(runs[0])

@@ -1,14 +1,17 @@
-"""save_pretrained / from_pretrained as transformers and PEFT users expect: dtype, keyword checks,
+"""hf_lowrank/saving.py: save_pretrained / from_pretrained as transformers and PEFT users expect:
+every family and starting layout of tests/test_model.py saved and loaded, dtype, keyword checks,
 sharding, adapter-only saves onto a base, transformers' loaders refusing a low-rank folder, and
-checkpoints edited by hand."""
+checkpoints edited by hand or damaged."""
 
 import json
+import shutil
 
 import pytest
 import torch
 import transformers
-from conftest import build, logits, randomize_adapters, sample_ids
+from conftest import GENERATIVE, build, logits, randomize_adapters, sample_ids
 from safetensors.torch import load_file, save_file
+from test_model import start
 
 from hf_lowrank import LowRankConfig, LowRankModel, get_lowrank_model
 
@@ -34,6 +37,45 @@ def pretrained(tmp_path):
     folder = tmp_path / "base"
     build("gpt2").save_pretrained(folder)
     return folder
+
+
+# -- every family and start, saved and loaded -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["factorized_cap", "residual", "mixed"])
+@pytest.mark.parametrize("trim", [True, False])
+def test_save_load_round_trip(family, mode, trim, tmp_path):
+    model = start(family, mode)
+    ids = sample_ids()
+    reference = logits(model, ids)
+    model.save_pretrained(tmp_path, trim=trim)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["config.json", "lowrank_config.json", "model.safetensors"] + (["generation_config.json"] if family in GENERATIVE else [])
+    )
+    saved = json.loads((tmp_path / "lowrank_config.json").read_text())["rank_pattern"]
+    assert saved == model.rank_pattern(trim=trim)
+    loaded = LowRankModel.from_pretrained(tmp_path)
+    assert not loaded.training, "loaded for inference, as transformers' from_pretrained"
+    torch.testing.assert_close(logits(loaded, ids), reference, atol=ATOL, rtol=0)
+    assert loaded.rank_pattern() == model.rank_pattern(trim=trim)
+    if trim:
+        assert all(spec["capacity"] == spec["rank"] for spec in loaded.rank_pattern().values())
+    elif mode != "mixed":
+        assert all(spec["capacity"] == 8 for spec in loaded.rank_pattern().values())
+    frozen = lambda m: sorted(n for n, p in m.named_parameters() if not p.requires_grad)  # noqa: E731
+    assert frozen(loaded) == frozen(model), "residual bases and their biases stay frozen"
+
+
+def test_save_round_trip_of_a_wrapped_checkpoint_twice(tmp_path):
+    """Loading, saving again into the same folder and loading again changes nothing."""
+    model = start("gpt2", "mixed")
+    ids = sample_ids()
+    reference = logits(model, ids)
+    model.save_pretrained(tmp_path / "m", trim=False)
+    (tmp_path / "m" / "trainer_state.json").write_text("{}")  # a file someone else wrote there survives
+    LowRankModel.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "m", trim=False)
+    assert (tmp_path / "m" / "trainer_state.json").is_file()
+    torch.testing.assert_close(logits(LowRankModel.from_pretrained(tmp_path / "m"), ids), reference, atol=ATOL, rtol=0)
 
 
 # -- from_pretrained arguments ----------------------------------------------------------------
@@ -270,3 +312,86 @@ def test_malformed_aliases_metadata_names_the_file_and_field(tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt", "aliases": "[1, 2]"})
     with pytest.raises(ValueError, match=r"model\.safetensors: metadata field 'aliases' is not an object of tensor names"):
         LowRankModel.from_pretrained(tmp_path)
+
+
+# -- corrupt checkpoints ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved factorized GPT-2 (Conv1D) and a function editing its lowrank_config.json."""
+    folder = tmp_path / "ok"
+    start("gpt2", "factorized_cap").save_pretrained(folder)
+    path = folder / "lowrank_config.json"
+    original = json.loads(path.read_text())
+
+    def edit(change):
+        config = json.loads(json.dumps(original))
+        change(config)
+        path.write_text(json.dumps(config))
+
+    return folder, edit
+
+
+def _set(config, layer, **values):
+    config["rank_pattern"][layer].update(values)
+
+
+def test_a_rank_pattern_that_disagrees_with_the_tensors(saved):
+    folder, edit = saved
+    edit(lambda c: _set(c, "transformer.h.0.mlp.c_fc", rank=3, capacity=3))
+    with pytest.raises(ValueError, match=r"ok/model\.safetensors does not match the rank pattern.*c_fc\.A"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.update(hf_lowrank_version="9.0.0"), "incompatible hf_lowrank"),
+        (lambda c: c.update(rank="big"), r"LowRankConfig\.rank="),
+        (lambda c: c.update(colour="red"), r"unknown LowRankConfig field\(s\) \['colour'\]"),
+        (lambda c: _set(c, "transformer.h.0.mlp.c_fc", mode="lowrank"), r"rank_pattern is not allowed.*mode 'lowrank'"),
+        (lambda c: c["rank_pattern"].update({"transformer.h.9.mlp.c_fc": {"mode": "dense"}}), "another architecture"),
+    ],
+    ids=["version", "bad-field", "unknown-field", "unknown-mode", "unknown-layer"],
+)
+def test_a_bad_lowrank_config_names_the_file(saved, change, message):
+    folder, edit = saved
+    edit(change)
+    with pytest.raises(ValueError, match=rf"ok/lowrank_config\.json.*{message}"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_an_unreadable_lowrank_config_names_the_file(saved):
+    folder, _ = saved
+    (folder / "lowrank_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"ok/lowrank_config\.json: not valid JSON"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "lowrank_config.json", "config.json"])
+def test_a_missing_file_is_named(saved, missing):
+    folder, _ = saved
+    (folder / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"ok/{missing}: missing"):
+        LowRankModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("content", ["truncated", "garbage"])
+def test_a_damaged_safetensors_file_names_the_file(saved, content):
+    folder, _ = saved
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"ok/model\.safetensors: not a readable safetensors file"):
+        LowRankModel.from_pretrained(folder)
+
+
+def test_weights_of_another_layout_are_refused(saved, tmp_path):
+    """A dense checkpoint's tensors under a factorized rank pattern: missing and unexpected keys are listed."""
+    folder, _ = saved
+    other = tmp_path / "dense"
+    start("gpt2", "dense").save_pretrained(other)
+    shutil.copy(other / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['transformer\.h\.0\.attn\.c_attn\.A'.*unexpected \['transformer\.h\.0\.attn\.c_attn\.weight'"):
+        LowRankModel.from_pretrained(folder)
