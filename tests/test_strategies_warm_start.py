@@ -105,7 +105,7 @@ def test_schedule_point_past_the_end_and_impossible_ranks_fail_early():
 def test_a_switch_that_leaves_no_phase_warns():
     assert not wrap(max_steps=50, strategy_args={"dense_steps": 0.1}).warnings
     (message,) = wrap(max_steps=50, strategy_args={"dense_steps": 50}).warnings
-    assert "switches at the last step (50)" in message and "never trained" in message
+    assert "the switch (dense_steps=50) is at the last step (50)" in message and "never trained" in message
     model = wrap(max_steps=50, strategy_args={"dense_steps": 0.001})  # rounds to step 0, which never comes
     (message,) = model.warnings
     assert "a single dense step" in message and list(plans(model, range(1, 51))) == [1]

@@ -234,11 +234,10 @@ class Cuttlefish(RankStrategy):
                 f"{needed}: the switch will come at the deadline, not from converged ranks. Lower "
                 "strategy_args.measure_every or window, or move max_dense_steps later."
             )
-        if self.deadline is not None and self.deadline >= max_steps:
-            self.warn(
-                f"cuttlefish: the dense-phase deadline is the last step ({max_steps}); if the ranks have not converged "
-                "by then, the factorized model is never trained. Move strategy_args.max_dense_steps earlier."
-            )
+        self.warn_if_last_step(
+            self.deadline, "the dense-phase deadline",
+            "if the ranks have not converged by then, the factorized model is never trained", "max_dense_steps earlier", "Move",
+        )
 
     def due(self, step: int) -> bool:
         if self.switched_at is not None:

@@ -77,11 +77,10 @@ class WarmStart(RankStrategy):
                 f"warm_start: dense_steps={a.dense_steps!r} of max_steps={max_steps} is a single dense step, barely a "
                 "warm start. Give a larger strategy_args.dense_steps."
             )
-        if self.switch_step >= max_steps:
-            self.warn(
-                f"warm_start: dense_steps={a.dense_steps!r} switches at the last step ({max_steps}): the factorized "
-                "model is never trained. Give a smaller strategy_args.dense_steps."
-            )
+        self.warn_if_last_step(
+            self.switch_step, f"the switch (dense_steps={a.dense_steps!r})", "the factorized model is never trained",
+            "dense_steps", "Give a smaller",
+        )
 
     def due(self, step: int) -> bool:
         return self.switched_at is None and step >= self.switch_step
