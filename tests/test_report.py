@@ -5,7 +5,8 @@ import json
 import pytest
 
 from hf_lowrank.cli import main
-from hf_lowrank.report import COLUMNS, plot_ranks, run_rows, write_report
+from hf_lowrank.plots import plot_ranks
+from hf_lowrank.report import COLUMNS, run_rows, write_report
 from hf_lowrank.results import speed_warning
 
 MLP = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
@@ -166,7 +167,7 @@ def _phased_run(strategy, initial_mode, plans):
 
 
 def test_rank_plot_starts_at_step_0_groups_identical_layers_and_names_each_phase(tmp_path):
-    from hf_lowrank.report import _group_label, _group_layers, _phases
+    from hf_lowrank.plots import _group_label, _group_layers, _phases
 
     warm = run_rows(_phased_run("warm_start", "dense", [(15, "to_factorized", 8)]))[0]
     entries = [e for e in warm["history"] if e.get("layers")]
