@@ -9,7 +9,7 @@ import hf_lowrank
 
 ROOT = Path(hf_lowrank.__file__).parent
 # The application layer (recipes, reports, the CLI): it imports the core, never the other way.
-APPLICATION = {"options", "recipe", "results", "report", "plots", "cli", "data", "speed", "metrics"}
+APPLICATION = {"options", "recipe", "recipe_build", "results", "report", "plots", "cli", "data", "speed", "metrics"}
 
 
 def module_name(path: Path) -> str:

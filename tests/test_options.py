@@ -91,7 +91,7 @@ def test_command_line_words_read_by_the_field_type():
 
 def test_every_training_arguments_field_flat_or_under_training(tmp_path):
     """A TrainingArguments field the options do not declare goes to ``training``; the recipe's own stay options."""
-    from hf_lowrank.recipe import training_arguments
+    from hf_lowrank.recipe_build import training_arguments
 
     opts = _load(
         tmp_path,

@@ -16,7 +16,8 @@ from accelerate.commands.launch import launch_command_parser
 from hf_lowrank import LowRankConfig, get_lowrank_model
 from hf_lowrank import recipe as recipe_module
 from hf_lowrank.cli import build_parser, main, train_overrides
-from hf_lowrank.recipe import RecipeOptions, dense_config
+from hf_lowrank.recipe import RecipeOptions
+from hf_lowrank.recipe_build import dense_config
 from hf_lowrank.speed import compare_speed, interleaved_times, step_flops
 
 ROOT = Path(__file__).parents[1]
