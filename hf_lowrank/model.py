@@ -1,7 +1,8 @@
 """get_lowrank_model / LowRankModel: inject low-rank layers into any transformers model.
 
-The layers it targets come from targets.py, the training driver it delegates to is driver.py
-(TrainingDriver), the parameter counts and summary are reporting.py, saving and loading saving.py.
+The layers it targets come from targets.py and are put in place by injection.py, the training
+driver it delegates to is driver.py (TrainingDriver), the parameter counts and summary are
+reporting.py, saving and loading saving.py.
 """
 
 from __future__ import annotations
@@ -9,20 +10,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import optim, reporting, saving
+from . import injection, optim, reporting, saving
 from .card import push_model
 from .config import LowRankConfig
 from .driver import TrainingDriver
-from .layer import SUPPORTED_TYPES, LayerSpec, LowRankLinear
+from .layer import LayerSpec, LowRankLinear
 from .strategies import Plan, RankStrategy, UnavailableStrategy, find_strategy, get_strategy
 from .strategies.base import TOKENS_PER_BATCH
-from .targets import check_not_tied, find_target_modules
 
 WEIGHTS_NAME = saving.WEIGHTS_NAME
 
@@ -77,7 +76,6 @@ class LowRankModel(nn.Module):
         allocates shapes. Otherwise a rank pattern applied to a model's own weights keeps each layer's function
         as far as the rank allows (balanced SVD split, as ``init="auto"`` does) and warns with the change."""
         super().__init__()
-        self._weights_follow = weights_follow
         self.base_model = model
         self.lowrank_config = config
         # Never imports: a saved layout (rank_pattern) loads without its strategy, which training then asks for.
@@ -85,104 +83,13 @@ class LowRankModel(nn.Module):
         if known is None and not config.rank_pattern:
             known = get_strategy(config.strategy)  # raises, saying how to provide it
         self.strategy: RankStrategy = known(config) if known is not None else UnavailableStrategy(config)
-        self.init_report: dict[str, float] = {}  # layer -> relative change of W when factorized at wrap time
         # The training state (run length, hooked optimizers, lr adjustments, plans applied): a plain object, so
         # neither the module tree nor state_dict sees it.
         self._driver = TrainingDriver(self)
         self.forward = _Forward(self)  # the wrapped model's signature, which the Trainer reads for columns
-        self._inject()
-        self._freeze_for_adapters()
-
-    def _inject(self) -> None:
-        config = self.lowrank_config
-        if config.rank_pattern:
-            names = list(config.rank_pattern)
-            modules = dict(self.base_model.named_modules())
-            missing = [n for n in names if not isinstance(modules.get(n), (SUPPORTED_TYPES, LowRankLinear))]
-            if missing:
-                raise ValueError(
-                    f"LowRankConfig.rank_pattern names {missing[:5]} which are not linear layers of "
-                    f"{type(self.base_model).__name__}; the checkpoint belongs to another architecture."
-                )
-        else:
-            names = find_target_modules(self.base_model, config)
-        check_not_tied(self.base_model, [n for n in names if not isinstance(self.base_model.get_submodule(n), LowRankLinear)])
-        for name in names:
-            module = self.base_model.get_submodule(name)
-            layer = module if isinstance(module, LowRankLinear) else LowRankLinear(module)
-            if config.rank_pattern:
-                spec = LayerSpec(**config.rank_pattern[name])
-                if spec.mode == "factorized" and layer.mode == "dense" and not self._weights_follow:
-                    self._factorize_keeping(name, layer, spec)  # set_spec would zero B: the layer's function lost
-                else:
-                    layer.set_spec(spec)
-            else:
-                self._initialise(name, layer)
-            parent, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent), child, layer)
-        self._report_init()
-
-    def _init_kind(self) -> str:
-        """``init`` with ``"auto"`` resolved: the SVD split of pretrained weights, Kaiming for a model built from a config."""
-        c = self.lowrank_config
-        if c.init != "auto":
-            return c.init
-        return "spectral" if c.base_model_name_or_path else "kaiming"
-
-    def _initialise(self, name: str, layer: LowRankLinear) -> None:
-        c = self.lowrank_config
-        spec = self.strategy.initial_spec(name, layer)
-        if spec.mode == "factorized":
-            before = layer.dense_weight() if c.base_model_name_or_path else None
-            layer.init_factorized(
-                spec.rank, spec.capacity, init=self._init_kind(), init_scale=c.init_scale,
-                zero_inactive=self.strategy.zero_inactive,
-            )
-            if before is not None:
-                change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
-                self.init_report[name] = float(change)
-        elif spec.mode == "residual":
-            layer.to_residual(spec.rank, spec.capacity, base=c.residual_base, init_scale=c.init_scale)
-            layer.scaling = spec.scaling
-
-    def _factorize_keeping(self, name: str, layer: LowRankLinear, spec: LayerSpec) -> None:
-        """A saved layout on a model's own weights: the SVD split of the weight at the saved rank, change recorded."""
-        before = layer.dense_weight()
-        layer.init_factorized(spec.rank, spec.capacity, init="spectral", zero_inactive=self.strategy.zero_inactive)
-        change = torch.linalg.matrix_norm(layer.dense_weight() - before) / torch.linalg.matrix_norm(before).clamp_min(1e-12)
-        self.init_report[name] = float(change)
-
-    def _report_init(self) -> None:
-        """Warn when factorizing pretrained weights changed the model's function (a truncation cannot keep it)."""
-        if not self.init_report:
-            return
-        worst = max(self.init_report, key=self.init_report.get)
-        if self.init_report[worst] > 1e-3:
-            mean = sum(self.init_report.values()) / len(self.init_report)
-            warnings.warn(
-                f"factorizing {len(self.init_report)} pretrained layers changed their weights by {100 * mean:.1f}% on "
-                f"average (relative Frobenius norm; worst {worst!r}: {100 * self.init_report[worst]:.1f}%), so the "
-                "model's outputs change before training. To fine-tune with the pretrained function kept exactly, use "
-                "mode='residual' (frozen W plus a low-rank adapter); see LowRankModel.init_report per layer.",
-                stacklevel=4,
-            )
-
-    def _freeze_for_adapters(self) -> None:
-        """Residual mode over the wrapped weights is fine-tuning: only adapters and ``modules_to_save`` train.
-
-        Training from scratch (dense, factorized, or residual over a fresh orthogonal base) trains
-        the whole model.
-        """
-        c = self.lowrank_config
-        layers = self.lowrank_layers()
-        if c.residual_base != "model" or not layers or any(layer.mode != "residual" for layer in layers.values()):
-            return
-        keep = self.modules_to_save()
-        for name, p in self.base_model.named_parameters():
-            owner = name.rpartition(".")[0]
-            in_kept = any(owner == k or owner.startswith(k + ".") for k in keep)
-            adapter = owner in layers and optim.is_factor(name)
-            p.requires_grad_(adapter or in_kept)
+        # layer -> relative change of W when factorized at wrap time (hf_lowrank/injection.py)
+        self.init_report: dict[str, float] = injection.inject(model, config, self.strategy, weights_follow=weights_follow)
+        injection.freeze_for_adapters(self)
 
     def modules_to_save(self) -> list[str]:
         """Full names of the modules that train beside the adapters in residual mode.
@@ -190,21 +97,7 @@ class LowRankModel(nn.Module):
         ``LowRankConfig.modules_to_save`` entries match a module name or its last parts; None
         means the model's classification head (PEFT's head names), if it has one.
         """
-        names = [n for n, _ in self.base_model.named_modules() if n]
-        wanted = self.lowrank_config.modules_to_save
-        if wanted is None:
-            from peft.utils.constants import SEQ_CLS_HEAD_NAMES  # imported here: peft is slow to import
-
-            heads = set(SEQ_CLS_HEAD_NAMES) | {"qa_outputs"}
-            return [n for n in names if n in heads]
-        found = [n for n in names if any(n == w or n.endswith("." + w) for w in wanted)]
-        missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
-        if missing:
-            raise ValueError(
-                f"LowRankConfig.modules_to_save={wanted!r}: {missing} name no module of {type(self.base_model).__name__}; "
-                f"top-level modules are {sorted({n.split('.')[0] for n in names})}."
-            )
-        return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+        return injection.modules_to_save(self.base_model, self.lowrank_config.modules_to_save)
 
     # -- delegation ----------------------------------------------------------------------------
 
