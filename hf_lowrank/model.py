@@ -2,7 +2,7 @@
 
 The layers it targets come from targets.py and are put in place by injection.py, the training
 driver it delegates to is driver.py (TrainingDriver), the parameter counts and summary are
-reporting.py, saving and loading saving.py.
+reporting.py, saving saving.py and loading loading.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import injection, optim, reporting, saving
+from . import injection, loading, optim, reporting, saving
 from .card import push_model
 from .config import LowRankConfig
 from .driver import TrainingDriver
@@ -343,7 +343,7 @@ class LowRankModel(nn.Module):
         with self.disable_adapter():
             return self.merge_and_unload()
 
-    # -- persistence (hf_lowrank/saving.py) -----------------------------------------------------
+    # -- persistence (hf_lowrank/saving.py, loading.py) -----------------------------------------
 
     def state_dict_for_save(self, trim: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors to save (factors sliced to the active rank when ``trim``) and aliases of tied tensors."""
@@ -362,8 +362,8 @@ class LowRankModel(nn.Module):
         saving.save(self, save_directory, trim, is_main_process, adapter_only, max_shard_size, safe_serialization)
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load a saved folder's tensors into the current layout, strictly (:func:`hf_lowrank.saving.load_weights`)."""
-        saving.load_weights(self, path)
+        """Load a saved folder's tensors into the current layout, strictly (:func:`hf_lowrank.loading.load_weights`)."""
+        loading.load_weights(self, path)
 
     @classmethod
     def from_pretrained(
@@ -383,9 +383,9 @@ class LowRankModel(nn.Module):
         folder it names. The saved strategy is never imported: a ``"module:Class"`` strategy whose
         module is not imported yet loads for inference, ``summary`` and merging, and training it
         asks for the module; ``trust_remote_code=True`` imports it (running its code). See
-        :func:`hf_lowrank.saving.load`.
+        :func:`hf_lowrank.loading.load`.
         """
-        return saving.load(
+        return loading.load(
             cls, path_or_repo_id, model_class, dtype, base_model=base_model, torch_dtype=torch_dtype,
             trust_remote_code=trust_remote_code, **hub_kwargs
         )

@@ -1,4 +1,4 @@
-"""hf_lowrank/saving.py: save_pretrained / from_pretrained as transformers and PEFT users expect:
+"""hf_lowrank/saving.py and loading.py: save_pretrained / from_pretrained as transformers and PEFT users expect:
 every family and starting layout of tests/test_model.py saved and loaded, dtype, keyword checks,
 sharding, adapter-only saves onto a base, transformers' loaders refusing a low-rank folder, and
 checkpoints edited by hand or damaged."""
