@@ -241,7 +241,7 @@ def ablation_table(run_dirs: list[str | Path], reference: str | Path) -> str:
                 f"{r['learning_rate']:g}",
                 f"{r['perplexity']:.1f}",
                 f"{r['perplexity'] / full['perplexity']:.3f}",
-                f"{placement_ratio(r):.2f}",
+                _weights(r),
                 f"{r['trainable_params']:,}",
                 f"{r['tokens_per_second']:,.0f}",
                 final_ranks(r),
@@ -270,6 +270,12 @@ def seed_runs(folder: str | Path) -> list[Path]:
 def run_seed(run_dir: Path) -> int:
     """The seed a benchmark directory trained with (its settings' ``seed``)."""
     return int(read_json(run_dir / "benchmark.json")["settings"].get("seed", 0))
+
+
+def _weights(row: dict[str, Any]) -> str:
+    """The placement's stored weights over dense, or "-" for a row without a rank pattern (the peers)."""
+    ratio = placement_ratio(row)
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}"
 
 
 def paired_rows(settings: list[str | Path]) -> list[dict[str, Any]]:
@@ -324,7 +330,7 @@ def paired_table(settings: list[str | Path]) -> str:
             f"{p['spread']:.1%}" if len(p["seeds"]) > 1 else "-",
             " / ".join(f"{v:.3f}" for v in p["ratios"]) or "-",
             f"{p['mean_ratio']:.3f}" if p["mean_ratio"] is not None else "-",
-            f"{placement_ratio(r):.2f}",
+            _weights(r),
             final_ranks(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
