@@ -359,7 +359,11 @@ class RankStrategy:
     # layout
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
-        """The layout a layer starts in, before training."""
+        """The spec a layer starts in, before training; called once per layer when the model is wrapped.
+
+        Not a pure query: a strategy that tracks layers records each one's start here (InRank
+        keeps the rank and buffer it gives every layer), which is why it runs once per layer.
+        """
         c = self.config
         if c.mode == "dense":
             return LayerSpec("dense")

@@ -133,7 +133,7 @@ class InRank(RankStrategy):
         self.warmup: int = 0
         self.every: int = 1
 
-    def _sizes(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
+    def _capacity_and_buffer(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
         """(capacity, buffer) of a layer: the allocated one if it has factors, else from the settings.
 
         Both are floored, as the authors size ``int(min(in, out) / 2)``: a capacity of 33 and a
@@ -155,7 +155,7 @@ class InRank(RankStrategy):
                 self.args.field_name("inactive_init"), "random",
                 "random inactive components are the InRank-Efficient layout; use mode='factorized', or 'zero' in residual mode",
             )
-        capacity, buffer = self._sizes(name, layer)
+        capacity, buffer = self._capacity_and_buffer(name, layer)
         r = min(self.args.initial_rank, capacity - buffer)
         if r < self.args.initial_rank:
             self.warn(
@@ -216,7 +216,7 @@ class InRank(RankStrategy):
         changes = []
         for name, layer in layers.items():
             if name not in self.ranks:  # a layer InRank did not lay out (loaded, or imported from PEFT)
-                _, buffer = self._sizes(name, layer)
+                _, buffer = self._capacity_and_buffer(name, layer)
                 self.buffers[name] = min(buffer, layer.capacity - layer.rank)
                 self.ranks[name] = layer.rank
             r, b, cap = self.ranks[name], self.buffers[name], layer.capacity

@@ -56,10 +56,10 @@ class WarmStart(RankStrategy):
         self.switched_at: int | None = None
 
     def initial_spec(self, name: str, layer: LowRankLinear) -> LayerSpec:
-        self._sizes(name, layer)  # a rank the layer cannot take fails now, not at the switch
+        self._rank_and_capacity(name, layer)  # a rank the layer cannot take fails now, not at the switch
         return LayerSpec("dense")
 
-    def _sizes(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
+    def _rank_and_capacity(self, name: str, layer: LowRankLinear) -> tuple[int, int]:
         """Rank and capacity of ``layer`` after the switch, from ``LowRankConfig.rank`` / ``capacity``."""
         c = self.config
         rank, capacity = resolve_rank_and_capacity(c.rank, c.capacity, layer.in_features, layer.out_features, name)
@@ -91,7 +91,7 @@ class WarmStart(RankStrategy):
         self.switched_at = step
         changes = []
         for name, layer in layers.items():
-            rank, capacity = self._sizes(name, layer)
+            rank, capacity = self._rank_and_capacity(name, layer)
             changes.append(LayerChange(name, "to_factorized", rank=rank, capacity=capacity, ones=self.args.spectral_ones))
         return Plan(changes, lr_factor=self.args.lr_factor, reason=f"warm start: dense -> factorized at step {step}")
 
