@@ -45,7 +45,7 @@ def push_model(model: "LowRankModel", repo_id: str, metrics: dict[str, Any] | No
 
 def _model_folder(model: "LowRankModel") -> Path | None:
     """The saved LowRankModel folder ``model`` was loaded from, if any."""
-    name = getattr(getattr(model.base_model, "config", None), "_name_or_path", "") or ""
+    name = getattr(getattr(model.base_model, "config", None), "name_or_path", "") or ""
     return Path(name) if name and (Path(name) / CONFIG_NAME).is_file() else None
 
 

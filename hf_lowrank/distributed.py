@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import private_torch
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
@@ -65,10 +67,10 @@ def stale_ddp(module: nn.Module) -> nn.parallel.DistributedDataParallel | None:
     DDP records the parameters it reduces when it is built; after a shape change the module's
     new parameters would train unsynchronised and the next step would fail in DDP's reducer.
     """
-    ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    ddp = private_torch.active_ddp_module()
     if ddp is None or getattr(ddp, "module", None) is not module:
         return None
-    held = {id(p) for p in getattr(ddp, "_module_parameters", ())}
+    held = {id(p) for p in private_torch.ddp_parameters(ddp)}
     ignored = getattr(ddp, "parameters_to_ignore", set())
     live = {id(p) for n, p in module.named_parameters() if n not in ignored}
     return ddp if held != live else None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed, fsdp, optim
+from . import distributed, fsdp, optim, private_torch
 from .checks import check_int, is_number
 from .config import REBALANCE_EVERY
 from .layer import LowRankLinear
@@ -99,7 +99,7 @@ class TrainingDriver:
                 "`if plan is not None and plan.changes_shapes: model = hf_lowrank.distributed.rewrap_ddp(model)` "
                 "(LowRankTrainer does this itself)."
             )
-        if getattr(torch.nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None or distributed.world()[1] == 1:
+        if private_torch.active_ddp_module() is not None or distributed.world()[1] == 1:
             self.ddp_check = False  # passed under a rebuilt DDP, or no DDP can hold this model (one process)
 
     # -- binding -------------------------------------------------------------------------------

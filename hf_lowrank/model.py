@@ -413,6 +413,6 @@ def get_lowrank_model(model: nn.Module, config: LowRankConfig | dict[str, Any] |
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_lowrank_model(model=...) takes a torch.nn.Module (a transformers model), not {type(model).__name__}.")
     if config.base_model_name_or_path is None:
-        name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        name = getattr(getattr(model, "config", None), "name_or_path", None) or None
         config = LowRankConfig.from_dict({**config.to_dict(), "base_model_name_or_path": name})
     return LowRankModel(model, config)

@@ -382,7 +382,7 @@ def import_peft_adapter(
         mode="residual", residual_base="model", target_modules=sorted(pattern), exclude_modules=None, rank_pattern=pattern,
         modules_to_save=sorted(saved) if saved else settings["modules_to_save"],
         base_model_name_or_path=settings["base_model_name_or_path"] or cfg.get("base_model_name_or_path")
-        or getattr(getattr(base_model, "config", None), "_name_or_path", None) or None,
+        or getattr(getattr(base_model, "config", None), "name_or_path", None) or None,
     )
     model = LowRankModel(base_model, LowRankConfig.from_dict(settings, source="import_peft_adapter"), weights_follow=True)
     layers = model.lowrank_layers()

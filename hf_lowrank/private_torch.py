@@ -43,8 +43,22 @@ FSDP_PARAM_ATTRIBUTES = (
 COMPILED_MODULE_ATTRIBUTES = ("_orig_mod",)
 # nn.Module's own registry, read to tell a full parameter from its shard
 MODULE_ATTRIBUTES = ("_parameters",)
+# DistributedDataParallel: the wrapper running a forward right now (a class attribute set during
+# forward), and the parameters an instance reduces; read to name a DDP wrapper left stale by a rank change
+DDP_CLASS_ATTRIBUTES = ("_active_ddp_module",)
+DDP_ATTRIBUTES = ("_module_parameters",)
 # LRScheduler: the rates get_last_lr() reports (and the Trainer logs); set after a plan rescales them
 LR_SCHEDULER_ATTRIBUTES = ("_last_lr",)
+
+
+def active_ddp_module() -> Any:
+    """The DistributedDataParallel wrapper whose forward is running now, or None."""
+    return getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+
+
+def ddp_parameters(ddp: Any) -> list[nn.Parameter]:
+    """The parameters a DistributedDataParallel wrapper was built over (and reduces)."""
+    return list(getattr(ddp, "_module_parameters", ()))
 
 
 def set_last_lr(scheduler: Any, optimizer: Any) -> None:
@@ -102,6 +116,12 @@ def missing() -> list[str]:
         except ImportError:
             out.append(name)
     return out
+
+
+def missing_on_ddp(ddp: Any) -> list[str]:
+    """The DDP attributes above that this torch's class, or a live wrapper ``ddp``, lacks."""
+    out = [f"DistributedDataParallel.{a}" for a in DDP_CLASS_ATTRIBUTES if not hasattr(nn.parallel.DistributedDataParallel, a)]
+    return out + [f"DistributedDataParallel.{a}" for a in DDP_ATTRIBUTES if not hasattr(ddp, a)]
 
 
 def missing_on_scheduler(scheduler: Any) -> list[str]:

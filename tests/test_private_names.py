@@ -37,6 +37,9 @@ def test_torch_has_every_private_name(tmp_path):
         for unit in (model[0], model):
             state = private_torch.get_module_fsdp_state(unit)
             assert private_torch.missing_on_unit(state) == [], f"torch {torch.__version__}: {private_torch.missing_on_unit(state)}"
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        assert private_torch.missing_on_ddp(ddp) == [], f"torch {torch.__version__}: {private_torch.missing_on_ddp(ddp)}"
+        assert {id(p) for p in private_torch.ddp_parameters(ddp)} == {id(p) for p in ddp.module.parameters()}
     finally:
         dist.destroy_process_group()
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
@@ -99,6 +102,11 @@ def test_every_private_attribute_the_library_reaches_is_declared():
                 own.add(node.arg)
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 used.setdefault(node.attr, f"{path.name}:{node.lineno}")
+            # getattr(x, "_name"), hasattr, setattr: a private name spelled as a string
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr"):
+                name = node.args[1] if len(node.args) > 1 else None
+                if isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.startswith("_") and not name.value.startswith("__"):
+                    used.setdefault(name.value, f"{path.name}:{node.lineno}")
     declared = _declared()
     undeclared = {name: where for name, where in used.items() if name not in own | declared}
     assert undeclared == {}, f"private attributes of a dependency used but not declared in hf_lowrank/private_*.py: {undeclared}"
