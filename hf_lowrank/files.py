@@ -209,7 +209,7 @@ STAGING_PREFIX = ".staging-"  # the container of a shared atomic_directory: ".st
 ASIDE_NAME = ".hf_lowrank_replaced"  # inside a container: the old contents of <name>, moved aside for the one rename
 # Every temporary this module names: ".staging-<name>" (shared), ".<name>.<8 characters>" (mkdtemp),
 # and ".<name>.old<pid>" (an earlier version's moved-aside folder, still recognised when cleaning up).
-_LEFTOVER = re.compile(r"^\.(staging-.+|.+\.(old\d+|[a-z0-9_]{8}))$")
+_LEFTOVER = re.compile(rf"^({re.escape(STAGING_PREFIX)}.+|\..+\.(old\d+|[a-z0-9_]{{8}}))$")
 _MOVED_ASIDE = re.compile(r"^\.(.+)\.old\d+$")
 
 

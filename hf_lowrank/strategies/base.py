@@ -394,14 +394,14 @@ class RankStrategy:
         """True once the strategy will make no more changes (checks can stop)."""
         return True
 
-    def warn_if_last_step(self, step: int | None, what: str, never: str, field: str, fix: str) -> None:
+    def warn_if_last_step(self, step: int | None, what: str, never: str, fix: str) -> None:
         """The one check of a schedule point that lands on the last step (or later): the phase after it never trains.
 
-        Warns ``"<name>: <what> is at the last step (<max_steps>): <never>. <fix> strategy_args.<field>."``
+        Warns ``"<name>: <what> is at the last step (<max_steps>): <never>. <fix>."``
         """
         max_steps = self.context.max_steps
         if step is not None and step >= max_steps:
-            self.warn(f"{self.name}: {what} is at the last step ({max_steps}): {never}. {fix} strategy_args.{field}.")
+            self.warn(f"{self.name}: {what} is at the last step ({max_steps}): {never}. {fix}.")
 
     def warn(self, message: str) -> None:
         """Warn through the training context (process 0 only) or, outside training, ``warnings``."""

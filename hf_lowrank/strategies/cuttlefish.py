@@ -236,7 +236,8 @@ class Cuttlefish(RankStrategy):
             )
         self.warn_if_last_step(
             self.deadline, "the dense-phase deadline",
-            "if the ranks have not converged by then, the factorized model is never trained", "max_dense_steps earlier", "Move",
+            "if the ranks have not converged by then, the factorized model is never trained",
+            "Move strategy_args.max_dense_steps earlier",
         )
 
     def due(self, step: int) -> bool:

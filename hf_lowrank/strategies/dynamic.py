@@ -169,7 +169,7 @@ class DynamicRank(RankStrategy):
         self.inflate_step, self.deflate_step = inflate, deflate
         if self.phase == "residual":
             return
-        self.warn_if_last_step(deflate, f"deflate_at={a.deflate_at!r}", "the adapter phase never trains", "deflate_at earlier", "Move")
+        self.warn_if_last_step(deflate, f"deflate_at={a.deflate_at!r}", "the adapter phase never trains", "Move strategy_args.deflate_at earlier")
         if a.check_schedule and self.phase == "factorized":
             for message in self.schedule_problems():
                 self.warn(message)

@@ -197,7 +197,7 @@ class InRank(RankStrategy):
                 f"inrank: only {checks} growth check(s) (steps {first}-{last}, every {self.every}) before {where}; "
                 "ranks can barely grow. Lower strategy_args.warmup_steps or interval, or move stage2_at later."
             )
-        self.warn_if_last_step(self.stage2_step, "stage 2", "the truncated model is never trained", "stage2_at earlier", "Move")
+        self.warn_if_last_step(self.stage2_step, "stage 2", "the truncated model is never trained", "Move strategy_args.stage2_at earlier")
 
     def due(self, step: int) -> bool:
         if self.frozen:

@@ -79,7 +79,7 @@ class WarmStart(RankStrategy):
             )
         self.warn_if_last_step(
             self.switch_step, f"the switch (dense_steps={a.dense_steps!r})", "the factorized model is never trained",
-            "dense_steps", "Give a smaller",
+            "Give a smaller strategy_args.dense_steps",
         )
 
     def due(self, step: int) -> bool:
