@@ -309,6 +309,29 @@ def test_speed_by_width_prints_one_row_per_width(capsys):
         speed_widths(["--rank", "2"])
 
 
+def test_speed_of_rows_times_whole_training_steps_side_by_side(capsys, monkeypatch):
+    from benchmarks import speed_rows
+
+    calls = {"update_ranks": 0}
+    real = speed_rows.train_step
+
+    def counting(r, batch):
+        calls["update_ranks"] += r["lowrank"]
+        real(r, batch)
+
+    monkeypatch.setattr(speed_rows, "train_step", counting)
+    tiny = [f"--set={k}={v}" for k, v in TINY.items()]
+    speed_rows.main(["--scale", "cpu", *tiny, "--rows", "full,warm_start,spectral", "--inrank-rank", "0.5", "--rounds", "3", "--warmup", "1"])
+    lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(lines) >= {"full rank", "warm start (Kamalakara)", "fixed rank, spectral init (Kamalakara)"}
+    assert "factorized 16 (after 10% dense)" in lines["warm start (Kamalakara)"], "timed after its switch, the dense phase folded in"
+    assert lines["full rank"].split("|")[5].strip() == "1.00x"
+    assert calls["update_ranks"] == 3 * 4, "every row steps through update_ranks, as in training (full rank is the dense mode)"
+    for argv, match in ((["--rows", "full"], "two or more distinct rows"), (["--rows", "full,inrank"], "its ranks come from the run")):
+        with pytest.raises(SystemExit, match=match):
+            speed_rows.main(["--scale", "cpu", *tiny, *argv])
+
+
 @pytest.mark.slow
 def test_seeds_run_the_benchmark_per_seed_and_pair_ratios_by_seed(tmp_path):
     from benchmarks.report import paired_rows
