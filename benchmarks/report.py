@@ -337,6 +337,20 @@ def paired_table(settings: list[str | Path]) -> str:
     return "\n".join(lines)
 
 
+def setting_beyond_defaults(ablation: dict[str, Any]) -> dict[str, Any]:
+    """The ablation's settings other than the rank that differ from today's ``LowRankConfig`` defaults.
+
+    A run that set a value which has since become the default (``precondition_damping=1e-4``)
+    belongs to the same series as a run that left it out.
+    """
+    import dataclasses
+
+    from hf_lowrank import LowRankConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LowRankConfig) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in ablation.items() if k != "rank" and not (k in defaults and defaults[k] == v)}
+
+
 def plot_price(settings: list[str | Path], path: str | Path) -> Path:
     """Two panels, one point per row and setting: mean perplexity against the placement's weights
     (over dense) and against measured training time; full rank's seed mean as a line.
@@ -357,7 +371,7 @@ def plot_price(settings: list[str | Path], path: str | Path) -> Path:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in rows:  # one series per strategy and setting; the rank is the x axis, not part of the series
         if p["row"]["name"] != "full":
-            setting = json.dumps({k: v for k, v in (p["meta"].get("ablation") or {}).items() if k != "rank"}, sort_keys=True)
+            setting = json.dumps(setting_beyond_defaults(p["meta"].get("ablation") or {}), sort_keys=True)
             groups.setdefault((p["row"]["name"], setting), []).append(p)
     for (name, _), points in groups.items():  # labelled by the setting folders, which say what the setting is
         by_label[f"{name}: {' / '.join(sorted({p['setting'] for p in points}))}"] = points

@@ -359,6 +359,17 @@ def test_price_plot_has_one_point_per_setting(tmp_path):
 
     bench.run_seeds("cpu", tmp_path / "s", ["full", "spectral"], TINY, [0], 0.25, False, None, {})
     assert plot_price([tmp_path / "s"], tmp_path / "price.png").stat().st_size > 10_000
+
+
+def test_a_setting_that_became_the_default_joins_its_series_in_the_price_plot():
+    from benchmarks.report import setting_beyond_defaults
+    from hf_lowrank.config import PRECONDITION_DAMPING
+
+    assert setting_beyond_defaults({"precondition_damping": PRECONDITION_DAMPING, "rank": 0.5}) == {}
+    kept = {"precondition_damping": PRECONDITION_DAMPING / 100, "strategy_args.threshold": 0.9}
+    assert setting_beyond_defaults(kept) == kept
+
+
 needs_galore = pytest.mark.skipif(
     __import__("importlib").util.find_spec("galore_torch") is None, reason="the GaLore row needs galore-torch (pip install -e '.[galore]')"
 )
