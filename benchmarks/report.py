@@ -340,15 +340,21 @@ def paired_table(settings: list[str | Path]) -> str:
 def setting_beyond_defaults(ablation: dict[str, Any]) -> dict[str, Any]:
     """The ablation's settings other than the rank that differ from today's ``LowRankConfig`` defaults.
 
-    A run that set a value which has since become the default (``precondition_damping=1e-4``)
-    belongs to the same series as a run that left it out.
+    A run that set a value which has since become the default (``precondition_damping=1e-4``,
+    ``rebalance_every=10``, which ``None`` means under the Trainer) belongs to the same series as
+    a run that left it out.
     """
     import dataclasses
 
     from hf_lowrank import LowRankConfig
 
+    from hf_lowrank.config import REBALANCE_EVERY
+    from hf_lowrank.optim import factor_decay
+
     defaults = {f.name: f.default for f in dataclasses.fields(LowRankConfig) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in ablation.items() if k != "rank" and not (k in defaults and defaults[k] == v)}
+    # what None means under the benchmark's LowRankTrainer
+    resolved = {"rebalance_every": REBALANCE_EVERY, "factor_weight_decay": factor_decay(LowRankConfig())}
+    return {k: v for k, v in ablation.items() if k != "rank" and v not in (defaults.get(k, object()), resolved.get(k, object()))}
 
 
 def plot_price(settings: list[str | Path], path: str | Path) -> Path:

@@ -184,9 +184,9 @@ class LowRankConfig:
             "let the factors drift out of that balance (B -> B Q, A -> Q^-1 A changes no product but every "
             "later step); LORO (Mo et al. 2025) re-splits the same way at its exact steps. Runs in update_ranks "
             "(every loop), after the optimizer step of the steps it divides. On the cpu-long benchmark a "
-            "factorization at full rank ended 1.053x dense's perplexity with the defaults (every 10 steps, "
-            "moments rotated, the preconditioner, no factor weight decay; mean of 3 seeds, paired) against 1.52x "
-            "with none of them (docs/benchmarks.md)."
+            "factorization at full rank ended 0.993x dense's perplexity with the defaults (every 10 steps, "
+            "moments rotated, the preconditioner with damping 1e-4, no factor weight decay; mean of 3 seeds, "
+            "paired) against 1.52x with none of them (docs/benchmarks.md)."
         },
     )
     rebalance_moments: str = field(

@@ -366,7 +366,8 @@ def test_a_setting_that_became_the_default_joins_its_series_in_the_price_plot():
     from hf_lowrank.config import PRECONDITION_DAMPING
 
     assert setting_beyond_defaults({"precondition_damping": PRECONDITION_DAMPING, "rank": 0.5}) == {}
-    kept = {"precondition_damping": PRECONDITION_DAMPING / 100, "strategy_args.threshold": 0.9}
+    assert setting_beyond_defaults({"rebalance_every": 10, "factor_weight_decay": 0, "rebalance_moments": "rotate"}) == {}
+    kept = {"precondition_damping": PRECONDITION_DAMPING / 100, "strategy_args.threshold": 0.9, "target_modules": ["mlp.c_fc"]}
     assert setting_beyond_defaults(kept) == kept
 
 
