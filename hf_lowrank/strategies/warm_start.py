@@ -19,7 +19,7 @@ from .base import LayerChange, Plan, RankStrategy, StateContext, StateFields, St
 class WarmStartArgs(StrategyArgs):
     """Warm-start settings. The rank is ``LowRankConfig.rank`` (and ``capacity``)."""
 
-    dense_steps: Union[float, int] = 0.1  # dense phase: fraction of training (float) or optimizer steps (int); the paper gives no number, our choice
+    dense_steps: Union[float, int] = 0.5  # dense phase: fraction of training (float) or optimizer steps (int); measured (docs/benchmarks.md), the paper gives no number
     lr_factor: float = 1.0  # learning-rate multiplier at the switch; the paper halves it (0.5), which measured worse (docs/methods.md)
     spectral_ones: bool = False  # split with the singular values set to 1 (spectral-ones) instead of the balanced SVD
 
