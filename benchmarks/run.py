@@ -54,6 +54,21 @@ ROW_FILES = ("metrics.json", "log_history.json", "rank_pattern.json")
 PREFLIGHT_RANK = 0.25  # stands in for InRank's final rank when the rows that take it are checked up front
 
 
+def code_version() -> str:
+    """The library's version and the repository's commit (``+changes`` when the work tree differs), or the version alone."""
+    from hf_lowrank import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if commit.returncode != 0:
+        return __version__
+    return f"{__version__} at {commit.stdout.strip()}{' +changes' if dirty.stdout.strip() else ''}"
+
+
 def machine() -> str:
     """CPU model, cores, memory, and GPU if any, in one line."""
     import torch
@@ -209,6 +224,7 @@ def run_benchmark(
         "command": command or "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "code": code_version(),  # a default that changes later changes what a row without an ablation ran
         "load average at start": load_average(),
         "scale": scale_name,
         "settings": scale.to_dict(),

@@ -55,6 +55,9 @@ def test_rows_train_through_the_recipe(tmp_path, monkeypatch, capsys):
     assert all(o.per_device_train_batch_size == 4 and o.max_steps == 6 and o.use_cpu for o in arguments)
     printed = capsys.readouterr().out
     assert "[2/3] InRank-Efficient (lr 0.002): ppl" in printed and "tok/s" in printed and "data ready" in printed
+    from hf_lowrank import __version__
+
+    assert read_json(tmp_path / "benchmark.json")["code"].startswith(__version__), "which code ran (its defaults) is recorded"
 
     text = report.read_text()
     header = next(line for line in text.splitlines() if line.startswith("| row"))
