@@ -327,7 +327,10 @@ def test_speed_of_rows_times_whole_training_steps_side_by_side(capsys, monkeypat
     speed_rows.main(["--scale", "cpu", *tiny, "--rows", "full,warm_start,spectral", "--inrank-rank", "0.5", "--rounds", "3", "--warmup", "1"])
     lines = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(lines) >= {"full rank", "warm start (Kamalakara)", "fixed rank, spectral init (Kamalakara)"}
-    assert "factorized 16 (after 10% dense)" in lines["warm start (Kamalakara)"], "timed after its switch, the dense phase folded in"
+    from hf_lowrank.strategies.warm_start import WarmStartArgs
+
+    phase = f"factorized 16 (after {WarmStartArgs().dense_steps:.0%} dense)"
+    assert phase in lines["warm start (Kamalakara)"], "timed after its switch, the dense phase folded in"
     assert lines["full rank"].split("|")[5].strip() == "1.00x"
     assert calls["update_ranks"] == 3 * 4, "every row steps through update_ranks, as in training (full rank is the dense mode)"
     for argv, match in ((["--rows", "full"], "two or more distinct rows"), (["--rows", "full,inrank"], "its ranks come from the run")):
