@@ -347,13 +347,11 @@ def setting_beyond_defaults(ablation: dict[str, Any]) -> dict[str, Any]:
     import dataclasses
 
     from hf_lowrank import LowRankConfig
-
-    from hf_lowrank.config import REBALANCE_EVERY
+    from hf_lowrank.driver import rebalance_period
     from hf_lowrank.optim import factor_decay
 
     defaults = {f.name: f.default for f in dataclasses.fields(LowRankConfig) if f.default is not dataclasses.MISSING}
-    # what None means under the benchmark's LowRankTrainer
-    resolved = {"rebalance_every": REBALANCE_EVERY, "factor_weight_decay": factor_decay(LowRankConfig())}
+    resolved = {"rebalance_every": rebalance_period(LowRankConfig()), "factor_weight_decay": factor_decay(LowRankConfig())}
     return {k: v for k, v in ablation.items() if k != "rank" and v not in (defaults.get(k, object()), resolved.get(k, object()))}
 
 

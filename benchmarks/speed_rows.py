@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from typing import Any
 
 import torch
@@ -85,7 +84,7 @@ def build_row(row, scale, tokenizer, data, out_dir: str) -> dict[str, Any]:
     dense_fraction = dense_phase if isinstance(dense_phase, float) else dense_phase / opts.max_steps
     return {
         "model": model, "optimizer": trainer.optimizer, "scheduler": trainer.lr_scheduler, "lowrank": lowrank is not False,
-        "clip": trainer.args.max_grad_norm, "dense_fraction": dense_fraction, "trainer": trainer, "step": 0,
+        "clip": trainer.args.max_grad_norm, "dense_fraction": dense_fraction, "step": 0,
     }
 
 
@@ -105,20 +104,12 @@ def train_step(r: dict[str, Any], batch: dict[str, torch.Tensor]) -> None:
 
 
 def time_rows(built: dict[str, dict[str, Any]], batch: dict[str, torch.Tensor], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each row's steps, one step per row a round, alternating order; ``warmup`` untimed rounds first."""
-    order = list(built)
+    """Seconds of each row's steps, one step per row a round (:func:`hf_lowrank.speed.alternating_times`)."""
+    from hf_lowrank.speed import alternating_times
+
     for r in built.values():
         r["model"].train()
-    for _ in range(warmup):
-        for name in order:
-            train_step(built[name], batch)
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for i in range(rounds):
-        for name in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            train_step(built[name], batch)
-            times[name].append(time.perf_counter() - start)
-    return times
+    return alternating_times({name: (lambda r=r: train_step(r, batch)) for name, r in built.items()}, rounds, warmup)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
         name, r = row.name, built[row.name]
         rounds = statistics.median(f / t for t, f in zip(times[name], times[ref]))
         whole = mean[ref] / (r["dense_fraction"] * mean[ref] + (1 - r["dense_fraction"]) * mean[name])
-        lay = "dense" if not r["lowrank"] else ", ".join(sorted({f"{s['mode']} {s['rank'] or ''}".strip() for s in r["model"].rank_pattern().values()}))
-        lay = row.recipe.get("training", {}).get("optim", "AdamW") + ", dense" if row.recipe else lay
+        if row.recipe:  # a peer: the plain model under its optimizer
+            lay = row.recipe["training"]["optim"] + ", dense"
+        else:
+            lay = ", ".join(sorted({f"{s['mode']} {s['rank'] or ''}".strip() for s in r["model"].rank_pattern().values()}))
         phase = f" (after {r['dense_fraction']:.0%} dense)" if r["dense_fraction"] else ""
         print(
             f"| {row.label} | {lay}{phase} | {1000 * mean[name]:.1f} ms | {1000 * statistics.median(times[name]):.1f} ms "

@@ -43,6 +43,12 @@ def apply_change(layer: LowRankLinear, change: LayerChange) -> None:
         layer.to_residual(change.rank, change.capacity, alpha=change.alpha)
 
 
+def rebalance_period(config: Any) -> int:
+    """Steps between re-balances (0: never) where training is driven: ``rebalance_every``, or its default where it is None."""
+    every = config.rebalance_every
+    return REBALANCE_EVERY if every is None else every
+
+
 class TrainingDriver:
     """The training state of one :class:`~hf_lowrank.model.LowRankModel` and the steps that change it.
 
@@ -181,9 +187,8 @@ class TrainingDriver:
         self.bound = True
 
     def rebalance_period(self) -> int:
-        """Steps between re-balances (0: never): ``LowRankConfig.rebalance_every``, or its default where it is None."""
-        every = self.model.lowrank_config.rebalance_every
-        return REBALANCE_EVERY if every is None else every
+        """Steps between re-balances (0: never) of the driven model: :func:`rebalance_period` of its config."""
+        return rebalance_period(self.model.lowrank_config)
 
     def check_run(self, max_steps: int) -> None:
         """``LowRankModel.check_run``: a fresh strategy of the same kind is bound to ``max_steps``, then dropped."""

@@ -11,9 +11,10 @@ step actually runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,25 +40,32 @@ def step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     return counter.get_total_flops()
 
 
+def alternating_times(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each ``steps`` function, one call each a round, alternating order.
+
+    ``warmup`` untimed rounds first (allocations, kernel selection); then ``rounds`` rounds,
+    every other one in reverse order, so no function always runs first.
+    """
+    order = list(steps)
+    for _ in range(warmup):
+        for name in order:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for i in range(rounds):
+        for name in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def interleaved_times(
     models: dict[str, nn.Module], batch: dict[str, torch.Tensor], steps: int, autocast: torch.dtype | None = None
 ) -> dict[str, list[float]]:
-    """Seconds of each forward+backward step of each model, the models alternating on ``batch``, round by round.
-
-    One untimed step per model first (allocations, kernel selection); then ``steps`` rounds,
-    every other one in reverse order, so no model always runs first.
-    """
-    order = list(models)
-    for name in order:
-        models[name].train()
-        _step(models[name], batch, autocast)
-    times: dict[str, list[float]] = {name: [] for name in order}
-    for i in range(steps):
-        for name in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            _step(models[name], batch, autocast)
-            times[name].append(time.perf_counter() - start)
-    return times
+    """Seconds of each forward+backward step of each model, the models alternating on ``batch`` (:func:`alternating_times`)."""
+    for model in models.values():
+        model.train()
+    return alternating_times({name: functools.partial(_step, m, batch, autocast) for name, m in models.items()}, steps)
 
 
 def compare_speed(
